@@ -1,0 +1,13 @@
+//! The gRPC API generated from `proto/`.
+
+/// The encoded file descriptor set of every Volant proto, served by reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/volant_descriptor.bin"));
+
+/// `volant.ipam.v1`: address pools and leases (ipamd).
+pub mod ipam {
+    #[allow(missing_docs, clippy::all)]
+    pub mod v1 {
+        tonic::include_proto!("volant.ipam.v1");
+    }
+}

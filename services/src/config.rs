@@ -1,0 +1,180 @@
+//! The shared configuration file, `/etc/volant/volant.yaml`: one section per service, plus the
+//! networking block that every service agrees on.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::addr::Addr;
+
+/// Where the configuration lives unless `--config` says otherwise.
+pub const DEFAULT_PATH: &str = "/etc/volant/volant.yaml";
+
+/// The whole file. Every part has a default, so a missing file is a valid configuration.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// Directory of the services' sockets (default `/run/volant`).
+    pub run_dir: Option<PathBuf>,
+    /// The networking block of the seed configuration.
+    pub networking: Networking,
+    /// ipamd's own section.
+    pub ipamd: ServiceConfig,
+    /// Sections this build does not know; reported as a warning, not an error, so that one file
+    /// can serve several versions.
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, serde_norway::Value>,
+}
+
+/// The `networking` block.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Networking {
+    /// The default bridge network, which is also the default address pool.
+    pub bridge: Bridge,
+}
+
+/// `networking.bridge`: the default network `volant0`, `192.168.127.0/24`, gateway `.1`,
+/// leasable range `.100`–`.254`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Bridge {
+    /// Bridge (and pool) name.
+    pub name: String,
+    /// Subnet in CIDR notation.
+    pub subnet: IpNet,
+    /// The bridge's own address, the guests' gateway.
+    pub gateway: IpAddr,
+    /// The leasable addresses; the rest of the subnet is reserved.
+    pub ip_range: IpRange,
+}
+
+/// An inclusive address range.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IpRange {
+    /// First leasable address.
+    pub start: IpAddr,
+    /// Last leasable address.
+    pub end: IpAddr,
+}
+
+impl Default for Bridge {
+    fn default() -> Self {
+        Bridge {
+            name: "volant0".into(),
+            subnet: "192.168.127.0/24".parse().expect("valid default subnet"),
+            gateway: IpAddr::V4(Ipv4Addr::new(192, 168, 127, 1)),
+            ip_range: IpRange {
+                start: IpAddr::V4(Ipv4Addr::new(192, 168, 127, 100)),
+                end: IpAddr::V4(Ipv4Addr::new(192, 168, 127, 254)),
+            },
+        }
+    }
+}
+
+/// What every service section may say; flags override it.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// The service's state directory.
+    pub state_dir: Option<PathBuf>,
+    /// The service's listen address (and where peers dial it).
+    pub listen: Option<Addr>,
+}
+
+impl Config {
+    /// Reads the configuration. With no explicit path a missing default file means defaults; an
+    /// explicit path that does not exist is an error, since it is most likely a typo.
+    pub fn load(explicit: Option<&Path>) -> anyhow::Result<Config> {
+        let path = explicit.unwrap_or(Path::new(DEFAULT_PATH));
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && explicit.is_none() => {
+                return Ok(Config::default());
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading config {}", path.display())),
+        };
+        Config::parse(&text).with_context(|| format!("config {}", path.display()))
+    }
+
+    /// Parses the text of a configuration file.
+    pub fn parse(text: &str) -> anyhow::Result<Config> {
+        let blank = text
+            .lines()
+            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'));
+        if blank {
+            return Ok(Config::default());
+        }
+        Ok(serde_norway::from_str(text)?)
+    }
+
+    /// The section of the service called `name`, if this build knows it.
+    pub fn section(&self, name: &str) -> Option<&ServiceConfig> {
+        match name {
+            "ipamd" => Some(&self.ipamd),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_the_seed_block_as_is() {
+        let seed = "networking:\n  bridge:\n    name: volant0\n    subnet: 192.168.127.0/24\n    \
+                    gateway: 192.168.127.1\n    ip_range: { start: 192.168.127.100, end: 192.168.127.254 }\n";
+        let c = Config::parse(seed).unwrap();
+        assert_eq!(c.networking.bridge, Bridge::default());
+        assert!(c.unknown.is_empty());
+    }
+
+    #[test]
+    fn empty_and_comment_only_files_are_defaults() {
+        for text in ["", "\n\n", "# nothing here\n"] {
+            let c = Config::parse(text).unwrap();
+            assert_eq!(c.networking.bridge, Bridge::default());
+        }
+    }
+
+    #[test]
+    fn sections_and_unknown_sections() {
+        let c = Config::parse(
+            "run_dir: /tmp/r\nipamd:\n  state_dir: /tmp/s\n  listen: tcp://127.0.0.1:7000\nfuture: {a: 1}\n",
+        )
+        .unwrap();
+        assert_eq!(c.run_dir.as_deref(), Some(Path::new("/tmp/r")));
+        let s = c.section("ipamd").unwrap();
+        assert_eq!(s.state_dir.as_deref(), Some(Path::new("/tmp/s")));
+        assert_eq!(s.listen, Some(Addr::Tcp("127.0.0.1:7000".into())));
+        assert!(c.unknown.contains_key("future"));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            ("networking:\n  bridge:\n    subnet: 10.0.0.0/99\n", "subnet"),
+            ("networking:\n  bridge:\n    colour: red\n", "colour"),
+            ("ipamd:\n  listen: http://x\n", "tcp://HOST:PORT at line 2"),
+            ("ipamd:\n  state_dri: /x\n", "state_dri"),
+        ];
+        for (text, needle) in cases {
+            let err = format!("{:#}", Config::parse(text).unwrap_err());
+            assert!(err.contains(needle), "{text:?} → {err}");
+        }
+    }
+
+    #[test]
+    fn missing_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.yaml");
+        let err = Config::load(Some(&missing)).unwrap_err();
+        assert!(format!("{err:#}").contains("nope.yaml"));
+    }
+}

@@ -1,0 +1,248 @@
+//! What every daemon does around its own service: flags, config, directories, telemetry, serving
+//! with health and reflection on `unix:` or `tcp://`, and a graceful SIGTERM.
+
+use std::convert::Infallible;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::body::Body;
+use tonic::server::NamedService;
+use tonic::service::Routes;
+use tonic_health::ServingStatus;
+
+use crate::addr::Addr;
+use crate::config::Config;
+use crate::telemetry::{GrpcTraceLayer, Side, Telemetry};
+
+/// The default directory of the services' sockets.
+pub const DEFAULT_RUN_DIR: &str = "/run/volant";
+/// How long in-flight calls may take to finish after SIGTERM.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The flags every daemon takes.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct DaemonArgs {
+    /// Shared config file; each service reads its own section [default: /etc/volant/volant.yaml,
+    /// missing file = defaults]
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Directory of this service's store and other state [default: /var/lib/volant/<service>]
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Directory of the services' sockets [default: /run/volant]
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// Listen address, unix:PATH or tcp://HOST:PORT [default: unix:<run-dir>/<service>.sock]
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<Addr>,
+}
+
+/// A daemon's resolved settings: flags over its config section over defaults.
+pub struct Daemon {
+    /// The service's name, e.g. `ipamd`.
+    pub name: &'static str,
+    /// The whole configuration file.
+    pub config: Config,
+    /// Its state directory (created).
+    pub state_dir: PathBuf,
+    /// The socket directory (created).
+    pub run_dir: PathBuf,
+    /// Where it listens.
+    pub listen: Addr,
+    telemetry: Telemetry,
+}
+
+impl Daemon {
+    /// Reads the config, resolves the settings, creates the directories and starts telemetry.
+    /// Must be called inside a Tokio runtime.
+    pub fn start(name: &'static str, args: DaemonArgs) -> anyhow::Result<Daemon> {
+        let config = Config::load(args.config.as_deref())?;
+        let telemetry = Telemetry::init(name)?;
+        for key in config.unknown.keys() {
+            tracing::warn!("config: ignoring section {key:?}, which this build does not know");
+        }
+        let section = config.section(name).cloned().unwrap_or_default();
+        let run_dir = args
+            .run_dir
+            .or_else(|| config.run_dir.clone())
+            .unwrap_or_else(|| DEFAULT_RUN_DIR.into());
+        let state_dir = args
+            .state_dir
+            .or(section.state_dir)
+            .unwrap_or_else(|| Path::new("/var/lib/volant").join(name));
+        let listen = args
+            .listen
+            .or(section.listen)
+            .unwrap_or_else(|| Addr::Unix(run_dir.join(format!("{name}.sock"))));
+        for dir in [&run_dir, &state_dir] {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating directory {}", dir.display()))?;
+        }
+        Ok(Daemon {
+            name,
+            config,
+            state_dir,
+            run_dir,
+            listen,
+            telemetry,
+        })
+    }
+
+    /// Where the peer service `peer` listens: its configured address, else its socket in the
+    /// run directory.
+    pub fn peer(&self, peer: &str) -> Addr {
+        self.config
+            .section(peer)
+            .and_then(|s| s.listen.clone())
+            .unwrap_or_else(|| Addr::Unix(self.run_dir.join(format!("{peer}.sock"))))
+    }
+
+    /// Serves `services` plus health and reflection until SIGTERM or SIGINT, then reports
+    /// NOT_SERVING, drains in-flight calls (for at most [`DRAIN_TIMEOUT`]) and returns.
+    pub async fn serve(self, services: Services) -> anyhow::Result<()> {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        for svc in services.names.iter().copied().chain([""]) {
+            reporter
+                .set_service_status(svc, ServingStatus::Serving)
+                .await;
+        }
+        fn reflection() -> tonic_reflection::server::Builder<'static> {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(crate::api::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        }
+        let routes = services
+            .routes
+            .add_service(health)
+            .add_service(reflection().build_v1()?)
+            .add_service(
+                reflection().build_v1alpha()?,
+            );
+
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let stopped = async {
+            let _ = stop_rx.await;
+        };
+        let mut server = tonic::transport::Server::builder().layer(GrpcTraceLayer(Side::Server));
+        let mut serving = match &self.listen {
+            Addr::Unix(path) => {
+                let listener = bind_unix(path)?;
+                let incoming = UnixListenerStream::new(listener);
+                let router = server.add_routes(routes);
+                tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+            }
+            Addr::Tcp(hostport) => {
+                let listener = TcpListener::bind(hostport)
+                    .await
+                    .with_context(|| format!("listening on tcp://{hostport}"))?;
+                let incoming = TcpListenerStream::new(listener);
+                let router = server.add_routes(routes);
+                tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+            }
+        };
+        tracing::info!(listen = %self.listen, "{} serving", self.name);
+
+        let early = tokio::select! {
+            _ = terminate.recv() => None,
+            _ = interrupt.recv() => None,
+            r = &mut serving => Some(r),
+        };
+        let result = match early {
+            Some(r) => r.context("server task")?.context("serving"),
+            None => {
+                tracing::info!("{} draining", self.name);
+                for svc in services.names.iter().copied().chain([""]) {
+                    reporter
+                        .set_service_status(svc, ServingStatus::NotServing)
+                        .await;
+                }
+                let _ = stop_tx.send(());
+                match tokio::time::timeout(DRAIN_TIMEOUT, serving).await {
+                    Ok(r) => r.context("server task")?.context("serving"),
+                    Err(_) => {
+                        tracing::warn!("drain timed out after {DRAIN_TIMEOUT:?}; exiting");
+                        Ok(())
+                    }
+                }
+            }
+        };
+        if let Addr::Unix(path) = &self.listen {
+            let _ = std::fs::remove_file(path);
+        }
+        tracing::info!("{} stopped", self.name);
+        self.telemetry.shutdown();
+        result
+    }
+}
+
+/// The gRPC services a daemon serves, beside health and reflection.
+#[derive(Default)]
+pub struct Services {
+    routes: Routes,
+    names: Vec<&'static str>,
+}
+
+impl Services {
+    /// Adds one generated service server.
+    pub fn add<S>(mut self, svc: S) -> Self
+    where
+        S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.names.push(S::NAME);
+        self.routes = self.routes.add_service(svc);
+        self
+    }
+}
+
+/// Binds a Unix socket with mode 0600, replacing a stale socket file but never a live one.
+fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating directory {}", dir.display()))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                bail!(
+                    "{} is in use by a running process; stop it or choose another --listen",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing stale socket {}", path.display()))?;
+        }
+        Ok(_) => bail!(
+            "{} exists and is not a socket; refusing to replace it",
+            path.display()
+        ),
+        Err(_) => {}
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("listening on unix:{}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Prints a daemon's fatal error the way an operator reads it and turns it into an exit code.
+pub fn exit(name: &str, result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! Shared plumbing of the Volant services, written once: the generated gRPC API, configuration,
+//! daemon flags, serving and dialling, telemetry and graceful shutdown.
+
+pub mod addr;
+pub mod api;
+pub mod config;
+pub mod daemon;
+pub mod dial;
+pub mod names;
+pub mod telemetry;
+
+pub use addr::Addr;
+pub use daemon::{Daemon, DaemonArgs, Services};
+pub use dial::{Channel, dial};

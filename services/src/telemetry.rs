@@ -1,0 +1,204 @@
+//! Logging through `tracing`, OpenTelemetry spans exported over OTLP/gRPC when the standard
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, and W3C trace
+//! context carried in gRPC metadata by [`GrpcTraceLayer`] on the client and the server side.
+//!
+//! Spans always get OpenTelemetry ids, exported or not, so that a service without an exporter
+//! still passes its callers' trace on to its peers.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::Resource;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// The installed telemetry pipeline; [`Telemetry::shutdown`] flushes spans not yet exported.
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+}
+
+/// Whether the environment asks for spans to be exported.
+fn export_requested() -> bool {
+    let set = |k: &str| std::env::var(k).is_ok_and(|v| !v.trim().is_empty());
+    let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"));
+    !disabled && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+}
+
+/// The tracer provider of service `service`: exporting in batches over OTLP/gRPC when asked to,
+/// exporting nothing otherwise. Must be called inside a Tokio runtime.
+pub fn tracer_provider(service: &'static str) -> anyhow::Result<SdkTracerProvider> {
+    let mut resource = Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+        resource = resource.with_service_name(service);
+    }
+    let mut builder = SdkTracerProvider::builder().with_resource(resource.build());
+    if export_requested() {
+        if let Ok(p) = std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL") {
+            if p != "grpc" {
+                anyhow::bail!("OTEL_EXPORTER_OTLP_PROTOCOL={p}: Volant exports OTLP over grpc only");
+            }
+        }
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()?;
+        builder = builder.with_batch_exporter(exporter);
+    }
+    Ok(builder.build())
+}
+
+impl Telemetry {
+    /// Installs the global subscriber: log lines on stderr filtered by `RUST_LOG` (default
+    /// `info`), and OpenTelemetry spans. Must be called inside a Tokio runtime.
+    pub fn init(service: &'static str) -> anyhow::Result<Telemetry> {
+        let provider = tracer_provider(service)?;
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer(service)))
+            .try_init()?;
+        Ok(Telemetry { provider })
+    }
+
+    /// Exports what is still buffered and stops the exporter.
+    pub fn shutdown(self) {
+        if let Err(e) = self.provider.shutdown() {
+            tracing::warn!("telemetry shutdown: {e}");
+        }
+    }
+}
+
+struct HeaderInjector<'a>(&'a mut http::HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(k), Ok(v)) = (
+            http::header::HeaderName::from_bytes(key.as_bytes()),
+            http::HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(k, v);
+        }
+    }
+}
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// Which end of a call a [`GrpcTraceLayer`] sits on.
+#[derive(Clone, Copy, Debug)]
+pub enum Side {
+    /// Injects the current span's context into the outgoing request.
+    Client,
+    /// Continues the trace found in the incoming request.
+    Server,
+}
+
+/// A tower layer that wraps every gRPC call in a span named `<service>/<method>` and carries W3C
+/// trace context (`traceparent`, `tracestate`) across the wire.
+#[derive(Clone, Copy, Debug)]
+pub struct GrpcTraceLayer(pub Side);
+
+impl<S> tower::Layer<S> for GrpcTraceLayer {
+    type Service = GrpcTrace<S>;
+
+    fn layer(&self, inner: S) -> GrpcTrace<S> {
+        GrpcTrace {
+            inner,
+            side: self.0,
+        }
+    }
+}
+
+/// The service made by [`GrpcTraceLayer`].
+#[derive(Clone, Debug)]
+pub struct GrpcTrace<S> {
+    inner: S,
+    side: Side,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B, R> tower::Service<http::Request<B>> for GrpcTrace<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let path = req.uri().path().trim_start_matches('/');
+        let (service, method) = path.split_once('/').unwrap_or((path, ""));
+        let kind = match self.side {
+            Side::Client => "client",
+            Side::Server => "server",
+        };
+        let span = tracing::info_span!(
+            "grpc",
+            otel.name = %path,
+            otel.kind = kind,
+            rpc.system = "grpc",
+            rpc.service = %service,
+            rpc.method = %method,
+            rpc.grpc.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let propagator = TraceContextPropagator::new();
+        match self.side {
+            Side::Client => {
+                propagator.inject_context(&span.context(), &mut HeaderInjector(req.headers_mut()))
+            }
+            Side::Server => {
+                let parent = propagator.extract(&HeaderExtractor(req.headers()));
+                // A request without trace context simply starts a new trace.
+                let _ = span.set_parent(parent);
+            }
+        }
+        let call = self.inner.call(req);
+        let recorder = span.clone();
+        Box::pin(
+            async move {
+                let result = call.await;
+                if let Ok(res) = &result {
+                    // Unary errors travel as trailers-only responses: the status is a header.
+                    if let Some(code) = res
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                    {
+                        recorder.record("rpc.grpc.status_code", code);
+                        if code != "0" {
+                            recorder.record("otel.status_code", "ERROR");
+                        }
+                    }
+                } else {
+                    recorder.record("otel.status_code", "ERROR");
+                }
+                result
+            }
+            .instrument(span),
+        )
+    }
+}
