@@ -17,9 +17,14 @@ impl FromStr for Addr {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        if let Some(path) = s.strip_prefix("unix://").or_else(|| s.strip_prefix("unix:")) {
+        if let Some(path) = s
+            .strip_prefix("unix://")
+            .or_else(|| s.strip_prefix("unix:"))
+        {
             if path.is_empty() {
-                return Err(format!("{s:?} names no socket path; write unix:/run/volant/svc.sock"));
+                return Err(format!(
+                    "{s:?} names no socket path; write unix:/run/volant/svc.sock"
+                ));
             }
             if !path.starts_with('/') {
                 return Err(format!("{s:?}: the socket path must be absolute"));
@@ -31,7 +36,9 @@ impl FromStr for Addr {
                 .rsplit_once(':')
                 .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
             if !valid {
-                return Err(format!("{s:?}: expected tcp://HOST:PORT, e.g. tcp://127.0.0.1:8080"));
+                return Err(format!(
+                    "{s:?}: expected tcp://HOST:PORT, e.g. tcp://127.0.0.1:8080"
+                ));
             }
             return Ok(Addr::Tcp(hostport.to_string()));
         }

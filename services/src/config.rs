@@ -159,7 +159,10 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let cases = [
-            ("networking:\n  bridge:\n    subnet: 10.0.0.0/99\n", "subnet"),
+            (
+                "networking:\n  bridge:\n    subnet: 10.0.0.0/99\n",
+                "subnet",
+            ),
             ("networking:\n  bridge:\n    colour: red\n", "colour"),
             ("ipamd:\n  listen: http://x\n", "tcp://HOST:PORT at line 2"),
             ("ipamd:\n  state_dri: /x\n", "state_dri"),

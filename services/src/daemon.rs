@@ -120,9 +120,7 @@ impl Daemon {
             .routes
             .add_service(health)
             .add_service(reflection().build_v1()?)
-            .add_service(
-                reflection().build_v1alpha()?,
-            );
+            .add_service(reflection().build_v1alpha()?);
 
         let mut terminate = signal(SignalKind::terminate())?;
         let mut interrupt = signal(SignalKind::interrupt())?;
@@ -191,7 +189,7 @@ pub struct Services {
 
 impl Services {
     /// Adds one generated service server.
-    pub fn add<S>(mut self, svc: S) -> Self
+    pub fn with<S>(mut self, svc: S) -> Self
     where
         S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
             + NamedService
@@ -230,8 +228,8 @@ fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
         ),
         Err(_) => {}
     }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("listening on unix:{}", path.display()))?;
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("listening on unix:{}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
 }

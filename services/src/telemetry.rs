@@ -6,14 +6,15 @@
 //! still passes its callers' trace on to its peers.
 
 use std::future::Future;
+use std::io::IsTerminal;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use opentelemetry_sdk::Resource;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
@@ -40,10 +41,10 @@ pub fn tracer_provider(service: &'static str) -> anyhow::Result<SdkTracerProvide
     }
     let mut builder = SdkTracerProvider::builder().with_resource(resource.build());
     if export_requested() {
-        if let Ok(p) = std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL") {
-            if p != "grpc" {
-                anyhow::bail!("OTEL_EXPORTER_OTLP_PROTOCOL={p}: Volant exports OTLP over grpc only");
-            }
+        if let Ok(p) = std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL")
+            && p != "grpc"
+        {
+            anyhow::bail!("OTEL_EXPORTER_OTLP_PROTOCOL={p}: Volant exports OTLP over grpc only");
         }
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
@@ -62,7 +63,11 @@ impl Telemetry {
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
         tracing_subscriber::registry()
             .with(filter)
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::stderr().is_terminal()),
+            )
             .with(tracing_opentelemetry::layer().with_tracer(provider.tracer(service)))
             .try_init()?;
         Ok(Telemetry { provider })

@@ -10,7 +10,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use volant_services::telemetry::{GrpcTraceLayer, Side};
 use volant_services::{Addr, dial};
 
-fn span<'a>(spans: &'a [SpanData], kind: opentelemetry::trace::SpanKind) -> &'a SpanData {
+fn span(spans: &[SpanData], kind: opentelemetry::trace::SpanKind) -> &SpanData {
     spans
         .iter()
         .find(|s| s.span_kind == kind && s.name == "grpc.health.v1.Health/Check")
@@ -51,7 +51,11 @@ async fn client_and_server_spans_share_the_trace() {
         server.span_context.trace_id(),
         "one trace"
     );
-    assert_eq!(server.parent_span_id, client.span_context.span_id(), "server is the client's child");
+    assert_eq!(
+        server.parent_span_id,
+        client.span_context.span_id(),
+        "server is the client's child"
+    );
     assert_ne!(client.span_context.span_id(), server.span_context.span_id());
     let status = server
         .attributes
