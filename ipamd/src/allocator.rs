@@ -169,7 +169,7 @@ pub struct Allocator {
 
 impl Allocator {
     /// Loads the stored state, repairing what cannot be valid (leases of missing pools, a VM
-    /// with two leases in one pool). Must be called inside a Tokio runtime.
+    /// with two leases in one pool). Its calls need the multi-threaded Tokio runtime.
     pub fn open(store: Arc<dyn Store>) -> Result<Allocator> {
         let stored = store.load()?;
         let mut state = State::default();
@@ -200,7 +200,7 @@ impl Allocator {
             store.apply(&repairs)?;
             store.flush()?;
         }
-        let durability = Durability::start(&store);
+        let durability = Durability::new(store.clone());
         Ok(Allocator {
             state: Mutex::new(state),
             store,
@@ -565,7 +565,7 @@ mod tests {
         a
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn first_free_in_numeric_order_and_idempotent() {
         let dir = tempfile::tempdir().unwrap();
         let a = with_default(dir.path()).await;
@@ -594,7 +594,7 @@ mod tests {
         assert_eq!(lease.ip.to_string(), "192.168.127.150");
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn requested_addresses() {
         let dir = tempfile::tempdir().unwrap();
         let a = with_default(dir.path()).await;
@@ -631,7 +631,7 @@ mod tests {
         assert_eq!(a.list_leases(None, None).await.unwrap().len(), 1);
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn release_is_idempotent() {
         let dir = tempfile::tempdir().unwrap();
         let a = with_default(dir.path()).await;
@@ -661,7 +661,7 @@ mod tests {
         ));
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn release_vm_spans_pools() {
         let dir = tempfile::tempdir().unwrap();
         let a = with_default(dir.path()).await;
@@ -682,7 +682,7 @@ mod tests {
         assert_eq!(left[0].0.vm, "db");
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn pools_lifecycle_and_refusals() {
         let dir = tempfile::tempdir().unwrap();
         let a = with_default(dir.path()).await;
@@ -736,7 +736,7 @@ mod tests {
         assert_eq!(a.list_pools().await.unwrap().len(), 1);
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn state_survives_reopening() {
         let dir = tempfile::tempdir().unwrap();
         {
@@ -754,7 +754,7 @@ mod tests {
         assert_eq!(l.ip.to_string(), "192.168.127.100");
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn config_pool_changes() {
         let dir = tempfile::tempdir().unwrap();
         let a = with_default(dir.path()).await;

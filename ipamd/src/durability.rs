@@ -1,86 +1,86 @@
 //! Group commit: a reply waits until its write is durable, and one flush makes every write made
-//! before it durable, so concurrent callers share flushes instead of queueing behind them.
+//! before it durable. A waiter whose write is not yet covered and finds no flush under way
+//! becomes the leader and flushes on its own thread; the others sleep until that flush ends and
+//! are all woken at once, most of them finding their write covered.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 
 use crate::store::Store;
 
-struct Shared {
+/// Tracks which writes are durable and flushes on demand.
+pub struct Durability {
+    store: Arc<dyn Store>,
     /// Sequence number of the latest applied write.
     written: AtomicU64,
-    /// Wakes the flusher.
-    wake: Notify,
-}
-
-/// Tracks which writes are durable; a background task flushes on demand.
-pub struct Durability {
-    shared: Arc<Shared>,
-    durable: watch::Receiver<u64>,
+    /// Sequence number up to which every write is durable.
+    durable: AtomicU64,
+    /// Whether a leader is flushing.
+    flushing: AtomicBool,
+    /// Wakes every waiter when a flush ends.
+    flushed: Notify,
 }
 
 impl Durability {
-    /// Starts the flusher task for `store`; it ends when the store is dropped. Must be called
-    /// inside a Tokio runtime.
-    pub fn start(store: &Arc<dyn Store>) -> Durability {
-        let (tx, rx) = watch::channel(0u64);
-        let shared = Arc::new(Shared {
-            written: AtomicU64::new(0),
-            wake: Notify::new(),
-        });
-        tokio::spawn(flusher(Arc::downgrade(store), shared.clone(), tx));
+    /// Tracks the writes to `store`.
+    pub fn new(store: Arc<dyn Store>) -> Durability {
         Durability {
-            shared,
-            durable: rx,
+            store,
+            written: AtomicU64::new(0),
+            durable: AtomicU64::new(0),
+            flushing: AtomicBool::new(false),
+            flushed: Notify::new(),
         }
     }
 
     /// Records that a write was applied and returns its sequence number for
     /// [`Durability::wait`]. Call it after the write, under the lock that ordered it.
     pub fn record(&self) -> u64 {
-        self.shared.written.fetch_add(1, Ordering::AcqRel) + 1
+        self.written.fetch_add(1, Ordering::AcqRel) + 1
     }
 
     /// The sequence number of the latest write: a reader waits for it so that it never reports
     /// what a crash could still undo.
     pub fn latest(&self) -> u64 {
-        self.shared.written.load(Ordering::Acquire)
+        self.written.load(Ordering::Acquire)
     }
 
-    /// Waits until write `seq` and every earlier one are durable.
+    fn covered(&self, seq: u64) -> bool {
+        self.durable.load(Ordering::Acquire) >= seq
+    }
+
+    /// Waits until write `seq` and every earlier one are durable. Needs the multi-threaded Tokio
+    /// runtime: the leader's flush blocks its worker in place.
     pub async fn wait(&self, seq: u64) {
-        if *self.durable.borrow() >= seq {
-            return;
+        while !self.covered(seq) {
+            if !self.flushing.swap(true, Ordering::AcqRel) {
+                self.flush();
+                continue;
+            }
+            let mut ended = pin!(self.flushed.notified());
+            ended.as_mut().enable();
+            // Re-check after registering, so that a flush ending in between is not missed.
+            if self.covered(seq) || !self.flushing.load(Ordering::Acquire) {
+                continue;
+            }
+            ended.await;
         }
-        self.shared.wake.notify_one();
-        let mut rx = self.durable.clone();
-        // The sender lives as long as the flusher, which outlives every caller holding the store.
-        let _ = rx.wait_for(|d| *d >= seq).await;
     }
-}
 
-async fn flusher(store: Weak<dyn Store>, shared: Arc<Shared>, durable: watch::Sender<u64>) {
-    loop {
-        shared.wake.notified().await;
-        loop {
-            let target = shared.written.load(Ordering::Acquire);
-            if target <= *durable.borrow() {
-                break;
-            }
-            let Some(store) = store.upgrade() else { return };
-            match tokio::task::spawn_blocking(move || store.flush()).await {
-                Ok(Ok(())) => {
-                    durable.send_replace(target);
-                }
-                failure => {
-                    // Memory is ahead of the disk and the disk refuses: the only safe course is
-                    // to stop, so that a restart serves exactly what is durable.
-                    tracing::error!("flushing the store failed ({failure:?}); exiting");
-                    std::process::exit(70);
-                }
-            }
+    /// The leader's flush: everything written so far becomes durable.
+    fn flush(&self) {
+        let target = self.written.load(Ordering::Acquire);
+        if let Err(e) = tokio::task::block_in_place(|| self.store.flush()) {
+            // Memory is ahead of the disk and the disk refuses: the only safe course is to
+            // stop, so that a restart serves exactly what is durable.
+            tracing::error!("flushing the store failed ({e}); exiting");
+            std::process::exit(70);
         }
+        self.durable.fetch_max(target, Ordering::AcqRel);
+        self.flushing.store(false, Ordering::Release);
+        self.flushed.notify_waiters();
     }
 }

@@ -18,6 +18,10 @@ fn err(e: impl std::fmt::Display) -> StoreError {
     StoreError(e.to_string())
 }
 
+fn encode(value: &impl serde::Serialize) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(err)
+}
+
 fn pool_key(name: &str) -> Vec<u8> {
     [POOL, name.as_bytes()].concat()
 }
@@ -61,17 +65,25 @@ impl Store for SledStore {
     }
 
     fn apply(&self, changes: &[Change]) -> Result<(), StoreError> {
+        // A single insert or remove is atomic by itself and costs half as much as a batch.
+        if let [change] = changes {
+            return match change {
+                Change::PutPool(p) => self.db.insert(pool_key(&p.name), encode(p)?).map(drop),
+                Change::DeletePool(name) => self.db.remove(pool_key(name)).map(drop),
+                Change::PutLease(l) => self
+                    .db
+                    .insert(lease_key(&l.pool, l.ip), encode(l)?)
+                    .map(drop),
+                Change::DeleteLease { pool, ip } => self.db.remove(lease_key(pool, *ip)).map(drop),
+            }
+            .map_err(err);
+        }
         let mut batch = sled::Batch::default();
         for change in changes {
             match change {
-                Change::PutPool(p) => {
-                    batch.insert(pool_key(&p.name), serde_json::to_vec(p).map_err(err)?)
-                }
+                Change::PutPool(p) => batch.insert(pool_key(&p.name), encode(p)?),
                 Change::DeletePool(name) => batch.remove(pool_key(name)),
-                Change::PutLease(l) => batch.insert(
-                    lease_key(&l.pool, l.ip),
-                    serde_json::to_vec(l).map_err(err)?,
-                ),
+                Change::PutLease(l) => batch.insert(lease_key(&l.pool, l.ip), encode(l)?),
                 Change::DeleteLease { pool, ip } => batch.remove(lease_key(pool, *ip)),
             }
         }

@@ -17,6 +17,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -61,14 +62,20 @@ impl Telemetry {
         let provider = tracer_provider(service)?;
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // RUST_LOG filters the log lines only; spans reach OpenTelemetry whatever it says, so a
+        // quiet service still carries its callers' traces.
         tracing_subscriber::registry()
-            .with(filter)
             .with(
                 tracing_subscriber::fmt::layer()
                     .with_writer(std::io::stderr)
-                    .with_ansi(std::io::stderr().is_terminal()),
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_filter(filter),
             )
-            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer(service)))
+            .with(
+                tracing_opentelemetry::layer()
+                    .with_tracer(provider.tracer(service))
+                    .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
+            )
             .try_init()?;
         Ok(Telemetry { provider })
     }
