@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use volant_services::config::Bridge;
+use volant_services::durability::Durability;
 use volant_services::names::dns_label;
 
-use crate::durability::Durability;
 use crate::pool::{Pool, PoolSpec, next};
 use crate::store::{Change, Lease, Store, StoreError};
 
@@ -200,7 +200,8 @@ impl Allocator {
             store.apply(&repairs)?;
             store.flush()?;
         }
-        let durability = Durability::new(store.clone());
+        let flushed = store.clone();
+        let durability = Durability::new(Box::new(move || flushed.flush().map_err(|e| e.0)));
         Ok(Allocator {
             state: Mutex::new(state),
             store,

@@ -1,7 +1,6 @@
 //! ipamd: the owner of Volant's address pools and leases.
 
 mod allocator;
-mod durability;
 mod grpc;
 mod pool;
 mod sled_store;

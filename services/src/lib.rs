@@ -6,6 +6,7 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod dial;
+pub mod durability;
 pub mod names;
 pub mod telemetry;
 

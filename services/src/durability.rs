@@ -4,16 +4,16 @@
 //! are all woken at once, most of them finding their write covered.
 
 use std::pin::pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::sync::Notify;
 
-use crate::store::Store;
+/// Makes every write applied so far durable (e.g. a sled flush).
+pub type Flush = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// Tracks which writes are durable and flushes on demand.
 pub struct Durability {
-    store: Arc<dyn Store>,
+    flush: Flush,
     /// Sequence number of the latest applied write.
     written: AtomicU64,
     /// Sequence number up to which every write is durable.
@@ -25,10 +25,10 @@ pub struct Durability {
 }
 
 impl Durability {
-    /// Tracks the writes to `store`.
-    pub fn new(store: Arc<dyn Store>) -> Durability {
+    /// Tracks the writes that `flush` makes durable.
+    pub fn new(flush: Flush) -> Durability {
         Durability {
-            store,
+            flush,
             written: AtomicU64::new(0),
             durable: AtomicU64::new(0),
             flushing: AtomicBool::new(false),
@@ -73,7 +73,7 @@ impl Durability {
     /// The leader's flush: everything written so far becomes durable.
     fn flush(&self) {
         let target = self.written.load(Ordering::Acquire);
-        if let Err(e) = tokio::task::block_in_place(|| self.store.flush()) {
+        if let Err(e) = tokio::task::block_in_place(|| (self.flush)()) {
             // Memory is ahead of the disk and the disk refuses: the only safe course is to
             // stop, so that a restart serves exactly what is durable.
             tracing::error!("flushing the store failed ({e}); exiting");
