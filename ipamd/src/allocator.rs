@@ -11,7 +11,7 @@ use std::time::SystemTime;
 
 use volant_services::config::Bridge;
 use volant_services::durability::Durability;
-use volant_services::names::dns_label;
+use volant_services::validate::dns_label;
 
 use crate::pool::{Pool, PoolSpec, next};
 use crate::store::{Change, Lease, Store, StoreError};

@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-use volant_services::names::dns_label;
+use volant_services::validate::{dns_label, host_in, ip, ipv4_subnet};
 
 /// A validated pool.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,64 +65,21 @@ pub fn next(ip: IpAddr) -> Option<IpAddr> {
     (n < max).then(|| from_u128(n + 1, ip))
 }
 
-fn parse_ip(what: &str, text: &str) -> Result<IpAddr, String> {
-    text.trim()
-        .parse()
-        .map_err(|_| format!("{what} {text:?} is not an IP address such as 192.168.127.1"))
-}
-
 impl Pool {
     /// Checks a user's pool and fills in the defaults. The error says what is wrong and how to
     /// fix it.
     pub fn validate(spec: PoolSpec<'_>) -> Result<Pool, String> {
         dns_label("pool name", spec.name)?;
-        if spec.subnet.trim().is_empty() {
-            return Err("subnet is required, in CIDR notation such as 192.168.127.0/24".into());
-        }
-        let subnet: IpNet = spec.subnet.trim().parse().map_err(|_| {
-            format!(
-                "subnet {:?} is not in CIDR notation such as 192.168.127.0/24",
-                spec.subnet
-            )
-        })?;
-        if subnet.network() != subnet.addr() {
-            return Err(format!(
-                "subnet {subnet} has host bits set; did you mean {}?",
-                subnet.trunc()
-            ));
-        }
-        let IpNet::V4(v4) = subnet else {
-            return Err(format!(
-                "subnet {subnet}: IPv6 pools are not supported yet; use an IPv4 subnet"
-            ));
-        };
-        if v4.prefix_len() > 30 {
-            return Err(format!(
-                "subnet {subnet} is too small: a pool needs a network address, a gateway, at \
-                 least one leasable address and a broadcast address (prefix /30 or shorter)"
-            ));
-        }
+        let subnet = ipv4_subnet("subnet", spec.subnet)?;
         let network = subnet.network();
         let broadcast = subnet.broadcast();
         let first_host = next(network).expect("a /30 or larger has hosts");
         let last_host = from_u128(to_u128(broadcast) - 1, broadcast);
 
-        let inside = |what: &str, ip: IpAddr| -> Result<IpAddr, String> {
-            if !subnet.contains(&ip) {
-                return Err(format!("{what} {ip} is outside the subnet {subnet}"));
-            }
-            if ip == network {
-                return Err(format!("{what} {ip} is the network address of {subnet}"));
-            }
-            if ip == broadcast {
-                return Err(format!("{what} {ip} is the broadcast address of {subnet}"));
-            }
-            Ok(ip)
-        };
         let gateway = if spec.gateway.trim().is_empty() {
             first_host
         } else {
-            inside("gateway", parse_ip("gateway", spec.gateway)?)?
+            host_in("gateway", ip("gateway", spec.gateway)?, &subnet)?
         };
         let (range_start, range_end) = match (spec.range_start.trim(), spec.range_end.trim()) {
             ("", "") if gateway == first_host => {
@@ -141,8 +98,8 @@ impl Pool {
                 return Err("give both range_start and range_end, or neither".into());
             }
             (start, end) => (
-                inside("range_start", parse_ip("range_start", start)?)?,
-                inside("range_end", parse_ip("range_end", end)?)?,
+                host_in("range_start", ip("range_start", start)?, &subnet)?,
+                host_in("range_end", ip("range_end", end)?, &subnet)?,
             ),
         };
         if range_start > range_end {

@@ -7,8 +7,8 @@ pub mod config;
 pub mod daemon;
 pub mod dial;
 pub mod durability;
-pub mod names;
 pub mod telemetry;
+pub mod validate;
 
 pub use addr::Addr;
 pub use daemon::{Daemon, DaemonArgs, Services};
