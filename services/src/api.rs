@@ -11,3 +11,11 @@ pub mod ipam {
         tonic::include_proto!("volant.ipam.v1");
     }
 }
+
+/// `volant.net.v1`: bridges, NAT, TAPs and port forwards (netd).
+pub mod net {
+    #[allow(missing_docs, clippy::all)]
+    pub mod v1 {
+        tonic::include_proto!("volant.net.v1");
+    }
+}

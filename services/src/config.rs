@@ -24,6 +24,8 @@ pub struct Config {
     pub networking: Networking,
     /// ipamd's own section.
     pub ipamd: ServiceConfig,
+    /// netd's own section.
+    pub netd: ServiceConfig,
     /// Sections this build does not know; reported as a warning, not an error, so that one file
     /// can serve several versions.
     #[serde(flatten)]
@@ -117,6 +119,7 @@ impl Config {
     pub fn section(&self, name: &str) -> Option<&ServiceConfig> {
         match name {
             "ipamd" => Some(&self.ipamd),
+            "netd" => Some(&self.netd),
             _ => None,
         }
     }

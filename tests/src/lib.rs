@@ -37,6 +37,7 @@ pub fn bin(name: &str) -> PathBuf {
 pub struct Daemon {
     name: String,
     args: Vec<String>,
+    netns: Option<String>,
     child: Option<Child>,
     /// Its state directory.
     pub state_dir: PathBuf,
@@ -49,6 +50,16 @@ impl Daemon {
     /// Starts `name` with `--state-dir <root>/<name>/state --run-dir <root>/run` plus `extra`
     /// arguments, and waits until its health service answers SERVING.
     pub async fn start(name: &str, root: &Path, extra: &[&str]) -> Daemon {
+        Daemon::start_in(None, name, root, extra).await
+    }
+
+    /// Like [`Daemon::start`], inside the network namespace `netns` when given.
+    pub async fn start_in(
+        netns: Option<&Netns>,
+        name: &str,
+        root: &Path,
+        extra: &[&str],
+    ) -> Daemon {
         let state_dir = root.join(name).join("state");
         let run_dir = root.join("run");
         let mut args = vec![
@@ -61,6 +72,7 @@ impl Daemon {
         let mut daemon = Daemon {
             name: name.to_string(),
             args,
+            netns: netns.map(|n| n.name.clone()),
             child: None,
             log: root.join(format!("{name}.log")),
             state_dir,
@@ -96,7 +108,16 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let child = Command::new(bin(&self.name))
+        let mut cmd = match &self.netns {
+            // `ip netns exec` execs the binary, so the child's pid is the daemon's.
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns]).arg(bin(&self.name));
+                cmd
+            }
+            None => Command::new(bin(&self.name)),
+        };
+        let child = cmd
             .args(&self.args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -194,4 +215,125 @@ pub fn run(name: &str, args: &[&str], limit: Duration) -> (ExitStatus, String) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+static NETNS_SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A network namespace of the test's own, deleted when dropped (also when the test fails).
+pub struct Netns {
+    /// Its name under /run/netns.
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates a fresh namespace with loopback up.
+    pub fn new(tag: &str) -> Netns {
+        let n = NETNS_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("vt-{tag}-{}-{n}", std::process::id());
+        sh(&format!("ip netns add {name}"));
+        let ns = Netns { name };
+        ns.sh("ip link set lo up");
+        ns
+    }
+
+    /// Runs a shell command inside the namespace; panics with its output when it fails.
+    pub fn sh(&self, script: &str) -> String {
+        sh(&format!(
+            "ip netns exec {} sh -c '{}'",
+            self.name,
+            script.replace('\'', "'\\''")
+        ))
+    }
+
+    /// Runs a shell command inside the namespace and returns its exit status and output.
+    pub fn try_sh(&self, script: &str) -> (bool, String) {
+        try_sh(&format!(
+            "ip netns exec {} sh -c '{}'",
+            self.name,
+            script.replace('\'', "'\\''")
+        ))
+    }
+
+    /// Runs `f` on a thread that has entered the namespace: sockets it creates live there.
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("open netns");
+            // SAFETY: setns on a valid namespace fd affects only this thread.
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("thread in namespace")
+    }
+
+    /// Serves TCP on `addr` inside the namespace: every connection gets one line,
+    /// `<tag> sees <peer address>`. Runs until the process ends.
+    pub fn serve(&self, addr: &str, tag: &str) {
+        let addr = addr.to_string();
+        let tag = tag.to_string();
+        let listener = self.enter(move || std::net::TcpListener::bind(&addr).expect("bind"));
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let peer = conn
+                    .peer_addr()
+                    .map(|a| a.ip().to_string())
+                    .unwrap_or_default();
+                let _ =
+                    std::io::Write::write_all(&mut conn, format!("{tag} sees {peer}\n").as_bytes());
+            }
+        });
+    }
+
+    /// Connects from inside the namespace to `addr` and returns the line it answers, or why not.
+    pub fn fetch(&self, addr: &str) -> Result<String, String> {
+        let addr: std::net::SocketAddr = addr.parse().expect("socket address");
+        self.enter(move || {
+            let mut conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                .map_err(|e| format!("connect {addr}: {e}"))?;
+            conn.set_read_timeout(Some(Duration::from_secs(2))).ok();
+            let mut line = String::new();
+            std::io::Read::read_to_string(&mut conn, &mut line)
+                .map_err(|e| format!("read: {e}"))?;
+            Ok(line.trim().to_string())
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Runs a shell command; panics with its output when it fails.
+pub fn sh(script: &str) -> String {
+    let (ok, out) = try_sh(script);
+    assert!(ok, "`{script}` failed:\n{out}");
+    out
+}
+
+/// Runs a shell command and returns whether it succeeded and its combined output.
+pub fn try_sh(script: &str) -> (bool, String) {
+    let out = Command::new("sh")
+        .args(["-c", script])
+        .output()
+        .expect("sh");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+/// `iptables-save` of a namespace without its comment lines (which carry a timestamp).
+pub fn iptables_save(ns: &Netns) -> String {
+    ns.sh("iptables-save")
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect()
 }

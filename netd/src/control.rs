@@ -1,0 +1,554 @@
+//! netd's operations: validate, persist the intent, change the kernel, and acknowledge once the
+//! intent is durable. Changes to networks and port forwards hold a gate exclusively, so the
+//! kernel and the store move together; TAPs of different VMs, the churn of VM creation, hold it
+//! shared and are made concurrently, one VM at a time. A crash at any point is repaired by
+//! [`Netd::reconcile`], which runs on every start.
+
+use std::sync::Arc;
+
+use tokio::sync::{Mutex, MutexGuard, RwLock};
+use volant_services::config::Bridge;
+use volant_services::durability::Durability;
+use volant_services::validate::{dns_label, interface_name};
+
+use crate::desired::{Change, Desired, Forward, Network, Protocol, Store, Tap, port};
+use crate::kernel::{Kernel, Status};
+
+/// Why a request was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad input; nothing changed.
+    #[error("{0}")]
+    Invalid(String),
+    /// No such network or TAP.
+    #[error("{0}")]
+    NotFound(String),
+    /// The name or port is taken.
+    #[error("{0}")]
+    Conflict(String),
+    /// Valid, but the current state forbids it.
+    #[error("{0}")]
+    Precondition(String),
+    /// The kernel or the store failed; what was done is undone or left to reconciliation.
+    #[error("{0}")]
+    Failed(String),
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+/// Which port forwards a removal names.
+pub enum ForwardTarget<'a> {
+    /// One host port.
+    HostPort(u32, &'a str),
+    /// Every forward of a VM.
+    Vm(&'a str),
+}
+
+/// A port forward request, as text and numbers from the wire.
+pub struct ForwardRequest<'a> {
+    /// Host port.
+    pub host_port: u32,
+    /// `tcp` or `udp`.
+    pub protocol: &'a str,
+    /// The VM's address.
+    pub vm_ip: &'a str,
+    /// The VM's port.
+    pub vm_port: u32,
+    /// The VM's name (optional).
+    pub vm: &'a str,
+}
+
+/// How many locks the VMs' TAP operations are spread over.
+const VM_LOCKS: usize = 64;
+
+/// The owner of the host's network.
+pub struct Netd {
+    desired: Mutex<Desired>,
+    /// Shared by TAP operations, exclusive for everything else.
+    gate: RwLock<()>,
+    /// Serialise the operations on one VM's TAP (striped by name).
+    vm_locks: Vec<Mutex<()>>,
+    store: Arc<Store>,
+    durability: Durability,
+    kernel: Kernel,
+    /// The network defined by the config file, deleted only with force.
+    config_network: Option<String>,
+}
+
+fn failed(e: String) -> Error {
+    Error::Failed(e)
+}
+
+impl Netd {
+    /// Loads the desired state. Needs the multi-threaded Tokio runtime.
+    pub fn open(store: Store, kernel: Kernel) -> Result<Netd> {
+        let store = Arc::new(store);
+        let desired = store.load().map_err(failed)?;
+        let flushed = store.clone();
+        Ok(Netd {
+            desired: Mutex::new(desired),
+            gate: RwLock::new(()),
+            vm_locks: (0..VM_LOCKS).map(|_| Mutex::new(())).collect(),
+            durability: Durability::new(Box::new(move || flushed.flush())),
+            store,
+            kernel,
+            config_network: None,
+        })
+    }
+
+    fn write(&self, changes: &[Change<'_>]) -> Result<u64> {
+        for change in changes {
+            self.store.apply(*change).map_err(failed)?;
+        }
+        Ok(self.durability.record())
+    }
+
+    /// Converges forwarding and persists the recorded original setting if it changed.
+    fn sync_forwarding(&self, d: &mut Desired, done: &mut Vec<String>) -> Result<()> {
+        if self.kernel.sync_forwarding(d, done).map_err(failed)? {
+            self.write(&[Change::ForwardingBefore(d.forwarding_before)])?;
+        }
+        Ok(())
+    }
+
+    /// Makes the network of the config's `networking.bridge` block exist (with NAT), then
+    /// reconciles everything. Called once on start.
+    pub async fn start(&mut self, bridge: &Bridge) -> anyhow::Result<Vec<String>> {
+        let net = Network::validate(
+            &bridge.name,
+            &bridge.subnet.to_string(),
+            &bridge.gateway.to_string(),
+            true,
+        )
+        .map_err(|e| anyhow::anyhow!("config networking.bridge: {e}"))?;
+        self.config_network = Some(net.name.clone());
+        self.ensure_network(net)
+            .await
+            .map_err(|e| anyhow::anyhow!("config networking.bridge: {e}"))?;
+        Ok(self.reconcile().await?)
+    }
+
+    /// Re-creates what is missing and removes what netd owns but nobody asked for.
+    pub async fn reconcile(&self) -> Result<Vec<String>> {
+        let mut done = Vec::new();
+        let seq = {
+            let _gate = self.gate.write().await;
+            let mut d = self.desired.lock().await;
+            let seq = self.durability.latest();
+            self.sync_forwarding(&mut d, &mut done)?;
+            self.kernel.reconcile(&d, &mut done).await.map_err(failed)?;
+            seq.max(self.durability.latest())
+        };
+        self.durability.wait(seq).await;
+        for action in &done {
+            tracing::info!("reconcile: {action}");
+        }
+        Ok(done)
+    }
+
+    async fn lock(&self) -> MutexGuard<'_, Desired> {
+        self.desired.lock().await
+    }
+
+    fn vm_lock(&self, vm: &str) -> &Mutex<()> {
+        let h = vm
+            .bytes()
+            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b.into()));
+        &self.vm_locks[h % VM_LOCKS]
+    }
+
+    /// Creates or confirms a network. Returns it and whether it is new.
+    pub async fn ensure_network(&self, net: Network) -> Result<(Network, bool)> {
+        let mut done = Vec::new();
+        let gate = self.gate.write().await;
+        let mut d = self.lock().await;
+        let created = match d.networks.get(&net.name) {
+            Some(old) if old.subnet != net.subnet || old.gateway != net.gateway => {
+                return Err(Error::Conflict(format!(
+                    "network {:?} already exists with subnet {} and gateway {}; delete it first \
+                     to change them",
+                    net.name, old.subnet, old.gateway
+                )));
+            }
+            Some(_) => false,
+            None => {
+                self.check_new_network(&d, &net).await?;
+                true
+            }
+        };
+        let seq = self.write(&[Change::PutNetwork(&net)])?;
+        d.networks.insert(net.name.clone(), net.clone());
+        let applied = async {
+            self.sync_forwarding(&mut d, &mut done)?;
+            self.kernel
+                .apply_network(&net, &mut done)
+                .await
+                .map_err(failed)?;
+            self.kernel.sync_rules(&d, &mut done).await.map_err(failed)
+        }
+        .await;
+        if let Err(e) = applied {
+            if created {
+                self.undo_network(&mut d, &net.name).await;
+            }
+            return Err(e);
+        }
+        let seq = seq.max(self.durability.latest());
+        drop((d, gate));
+        self.log(&done);
+        self.durability.wait(seq).await;
+        Ok((net, created))
+    }
+
+    /// Refuses a new network whose name or subnet collides with what exists.
+    async fn check_new_network(&self, d: &Desired, net: &Network) -> Result<()> {
+        if let Some(other) = d.networks.values().find(|o| o.overlaps(&net.subnet)) {
+            return Err(Error::Invalid(format!(
+                "subnet {} overlaps network {:?} ({}); choose another subnet",
+                net.subnet, other.name, other.subnet
+            )));
+        }
+        let routes = self.kernel.routes().await.map_err(failed)?;
+        if let Some((dst, dev)) = routes
+            .iter()
+            .find(|(dst, dev)| dst.prefix_len() > 0 && *dev != net.name && net.overlaps(dst))
+        {
+            return Err(Error::Invalid(format!(
+                "subnet {} overlaps the host's route {dst} dev {dev}; choose another subnet",
+                net.subnet
+            )));
+        }
+        if let Some(link) = self.kernel.link(&net.name).await.map_err(failed)?
+            && link.kind != "bridge"
+        {
+            return Err(Error::Conflict(format!(
+                "an interface named {} exists and is not a bridge; choose another name",
+                net.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Best-effort removal of a network that failed to come up.
+    async fn undo_network(&self, d: &mut Desired, name: &str) {
+        let mut done = Vec::new();
+        d.networks.remove(name);
+        let undone = async {
+            self.write(&[Change::DeleteNetwork(name)])?;
+            self.kernel
+                .remove_network(name, &mut done)
+                .await
+                .map_err(failed)?;
+            self.kernel.sync_rules(d, &mut done).await.map_err(failed)?;
+            self.sync_forwarding(d, &mut done)
+        }
+        .await;
+        if let Err(e) = undone {
+            tracing::warn!("undoing network {name}: {e}; reconciliation will finish it");
+        }
+    }
+
+    /// The network with its live status.
+    pub async fn get_network(&self, name: &str) -> Result<(Network, Status)> {
+        interface_name("network name", name).map_err(Error::Invalid)?;
+        let d = self.lock().await;
+        let net = d
+            .networks
+            .get(name)
+            .cloned()
+            .ok_or_else(|| unknown_network(name))?;
+        let status = self.kernel.status(&net, &d).await.map_err(failed)?;
+        Ok((net, status))
+    }
+
+    /// Every network with its live status.
+    pub async fn list_networks(&self) -> Result<Vec<(Network, Status)>> {
+        let d = self.lock().await;
+        let mut out = Vec::new();
+        for net in d.networks.values() {
+            out.push((
+                net.clone(),
+                self.kernel.status(net, &d).await.map_err(failed)?,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Deletes a network and exactly what netd added for it. Returns whether it existed.
+    pub async fn delete_network(&self, name: &str, force: bool) -> Result<bool> {
+        interface_name("network name", name).map_err(Error::Invalid)?;
+        let mut done = Vec::new();
+        let gate = self.gate.write().await;
+        let mut d = self.lock().await;
+        if !d.networks.contains_key(name) {
+            return Ok(false);
+        }
+        let taps: Vec<Tap> = d
+            .taps
+            .values()
+            .filter(|t| t.network == name)
+            .cloned()
+            .collect();
+        let forwards: Vec<Forward> = d
+            .forwards
+            .values()
+            .filter(|f| f.network == name)
+            .cloned()
+            .collect();
+        if !force {
+            if self.config_network.as_deref() == Some(name) {
+                return Err(Error::Precondition(format!(
+                    "network {name:?} is defined by the config file (networking.bridge); \
+                     delete it with force, and it returns when netd restarts"
+                )));
+            }
+            if !taps.is_empty() || !forwards.is_empty() {
+                return Err(Error::Precondition(format!(
+                    "network {name:?} has {} TAP(s) and {} port forward(s); delete their VMs \
+                     first or delete with force",
+                    taps.len(),
+                    forwards.len()
+                )));
+            }
+        }
+        let mut changes: Vec<Change<'_>> = taps.iter().map(|t| Change::DeleteTap(&t.vm)).collect();
+        changes.extend(
+            forwards
+                .iter()
+                .map(|f| Change::DeleteForward(f.protocol, f.host_port)),
+        );
+        changes.push(Change::DeleteNetwork(name));
+        let seq = self.write(&changes)?;
+        for t in &taps {
+            d.taps.remove(&t.vm);
+        }
+        for f in &forwards {
+            d.forwards.remove(&(f.protocol, f.host_port));
+        }
+        d.networks.remove(name);
+        let result = async {
+            for t in &taps {
+                self.kernel.remove_tap(&t.name, &mut done).await?;
+            }
+            self.kernel.sync_rules(&d, &mut done).await?;
+            self.kernel.remove_network(name, &mut done).await
+        }
+        .await
+        .map_err(failed);
+        self.sync_forwarding(&mut d, &mut done)?;
+        let seq = seq.max(self.durability.latest());
+        drop((d, gate));
+        self.log(&done);
+        self.durability.wait(seq).await;
+        result.map(|()| true)
+    }
+
+    /// Creates or confirms `vm`'s TAP on `network`. Returns it and whether it is new.
+    pub async fn create_tap(&self, network: &str, vm: &str) -> Result<(Tap, bool)> {
+        let tap = Tap::validate(network, vm).map_err(Error::Invalid)?;
+        let mut done = Vec::new();
+        let _gate = self.gate.read().await;
+        let _vm = self.vm_lock(vm).lock().await;
+        let (seq, created) = {
+            let mut d = self.lock().await;
+            if !d.networks.contains_key(network) {
+                return Err(unknown_network(network));
+            }
+            match d.taps.get(vm) {
+                Some(old) if old.network != network => {
+                    return Err(Error::Conflict(format!(
+                        "vm {vm:?} already has TAP {} on network {:?}",
+                        old.name, old.network
+                    )));
+                }
+                Some(_) => (self.durability.latest(), false),
+                None => {
+                    if let Some(other) = d.taps.values().find(|t| t.name == tap.name) {
+                        return Err(Error::Conflict(format!(
+                            "TAP name {} is taken by vm {:?}; rename the VM",
+                            tap.name, other.vm
+                        )));
+                    }
+                    let seq = self.write(&[Change::PutTap(&tap)])?;
+                    d.taps.insert(vm.to_string(), tap.clone());
+                    (seq, true)
+                }
+            }
+        };
+        let applied = match self.kernel.index(network) {
+            Some(bridge) => self.kernel.apply_tap(&tap, bridge, &mut done).await,
+            None => Err(format!("bridge {network} is missing; call Reconcile")),
+        };
+        if let Err(e) = applied {
+            if created {
+                self.lock().await.taps.remove(vm);
+                let _ = self.write(&[Change::DeleteTap(vm)]);
+                let _ = self.kernel.remove_tap(&tap.name, &mut done).await;
+            }
+            return Err(failed(e));
+        }
+        self.durability.wait(seq).await;
+        Ok((tap, created))
+    }
+
+    /// Deletes `vm`'s TAP; returns whether netd had one for it.
+    pub async fn delete_tap(&self, vm: &str) -> Result<bool> {
+        dns_label("vm", vm).map_err(Error::Invalid)?;
+        let mut done = Vec::new();
+        let _gate = self.gate.read().await;
+        let _vm = self.vm_lock(vm).lock().await;
+        let (seq, name) = {
+            let mut d = self.lock().await;
+            match d.taps.remove(vm) {
+                Some(tap) => (self.write(&[Change::DeleteTap(vm)])?, Some(tap.name)),
+                None => (self.durability.latest(), None),
+            }
+        };
+        // Also removes a device a crash left behind before it was recorded.
+        let device = name.clone().unwrap_or_else(|| crate::naming::tap_name(vm));
+        let removed = self.kernel.remove_tap(&device, &mut done).await;
+        self.durability.wait(seq).await;
+        removed.map_err(failed)?;
+        Ok(name.is_some())
+    }
+
+    /// The TAPs, optionally of one network.
+    pub async fn list_taps(&self, network: Option<&str>) -> Result<Vec<Tap>> {
+        let d = self.lock().await;
+        if let Some(n) = network
+            && !d.networks.contains_key(n)
+        {
+            return Err(unknown_network(n));
+        }
+        Ok(d.taps
+            .values()
+            .filter(|t| network.is_none_or(|n| t.network == n))
+            .cloned()
+            .collect())
+    }
+
+    /// Adds a port forward; an identical one is success with `false`.
+    pub async fn add_forward(&self, req: ForwardRequest<'_>) -> Result<(Forward, bool)> {
+        let host_port = port("host_port", req.host_port).map_err(Error::Invalid)?;
+        let vm_port = port("vm_port", req.vm_port).map_err(Error::Invalid)?;
+        let protocol = Protocol::parse(req.protocol).map_err(Error::Invalid)?;
+        let vm_ip = volant_services::validate::ip("vm_ip", req.vm_ip).map_err(Error::Invalid)?;
+        if !req.vm.is_empty() {
+            dns_label("vm", req.vm).map_err(Error::Invalid)?;
+        }
+        let mut done = Vec::new();
+        let gate = self.gate.write().await;
+        let mut d = self.lock().await;
+        let net = d
+            .networks
+            .values()
+            .find(|n| n.subnet.contains(&vm_ip))
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "vm_ip {vm_ip} lies in no network; forward to the address of a VM"
+                ))
+            })?;
+        volant_services::validate::host_in("vm_ip", vm_ip, &net.subnet).map_err(Error::Invalid)?;
+        if vm_ip == net.gateway {
+            return Err(Error::Invalid(format!(
+                "vm_ip {vm_ip} is the gateway of network {:?}, not a VM",
+                net.name
+            )));
+        }
+        let fwd = Forward {
+            host_port,
+            protocol,
+            vm_ip,
+            vm_port,
+            vm: req.vm.to_string(),
+            network: net.name.clone(),
+        };
+        if let Some(old) = d.forwards.get(&(protocol, host_port)) {
+            if *old == fwd {
+                drop(d);
+                return Ok((fwd, false));
+            }
+            return Err(Error::Conflict(format!(
+                "host port {protocol}/{host_port} already forwards to {}:{}{}",
+                old.vm_ip,
+                old.vm_port,
+                if old.vm.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (vm {:?})", old.vm)
+                }
+            )));
+        }
+        let seq = self.write(&[Change::PutForward(&fwd)])?;
+        d.forwards.insert((protocol, host_port), fwd.clone());
+        if let Err(e) = self.kernel.sync_rules(&d, &mut done).await {
+            d.forwards.remove(&(protocol, host_port));
+            let _ = self.write(&[Change::DeleteForward(protocol, host_port)]);
+            let _ = self.kernel.sync_rules(&d, &mut done).await;
+            return Err(failed(e));
+        }
+        drop((d, gate));
+        self.log(&done);
+        self.durability.wait(seq).await;
+        Ok((fwd, true))
+    }
+
+    /// Removes port forwards; removing what is not there succeeds with nothing removed.
+    pub async fn remove_forwards(&self, target: ForwardTarget<'_>) -> Result<Vec<Forward>> {
+        let keys: Box<dyn Fn(&Forward) -> bool + Send> = match target {
+            ForwardTarget::HostPort(p, proto) => {
+                let p = port("host_port", p).map_err(Error::Invalid)?;
+                let proto = Protocol::parse(proto).map_err(Error::Invalid)?;
+                Box::new(move |f| f.host_port == p && f.protocol == proto)
+            }
+            ForwardTarget::Vm(vm) => {
+                dns_label("vm", vm).map_err(Error::Invalid)?;
+                let vm = vm.to_string();
+                Box::new(move |f| f.vm == vm)
+            }
+        };
+        let mut done = Vec::new();
+        let gate = self.gate.write().await;
+        let mut d = self.lock().await;
+        let removed: Vec<Forward> = d.forwards.values().filter(|f| keys(f)).cloned().collect();
+        if removed.is_empty() {
+            return Ok(removed);
+        }
+        let changes: Vec<Change<'_>> = removed
+            .iter()
+            .map(|f| Change::DeleteForward(f.protocol, f.host_port))
+            .collect();
+        let seq = self.write(&changes)?;
+        for f in &removed {
+            d.forwards.remove(&(f.protocol, f.host_port));
+        }
+        let synced = self.kernel.sync_rules(&d, &mut done).await;
+        drop((d, gate));
+        self.log(&done);
+        self.durability.wait(seq).await;
+        synced.map_err(failed)?;
+        Ok(removed)
+    }
+
+    /// The port forwards, optionally of one VM.
+    pub async fn list_forwards(&self, vm: Option<&str>) -> Vec<Forward> {
+        let d = self.lock().await;
+        d.forwards
+            .values()
+            .filter(|f| vm.is_none_or(|vm| f.vm == vm))
+            .cloned()
+            .collect()
+    }
+
+    fn log(&self, done: &[String]) {
+        for action in done {
+            tracing::info!("{action}");
+        }
+    }
+}
+
+fn unknown_network(name: &str) -> Error {
+    Error::NotFound(format!(
+        "network {name:?} does not exist; ListNetworks shows the networks"
+    ))
+}
