@@ -1,0 +1,123 @@
+//! kestrel: PID 1 of a Volant guest. It mounts the basics, loads the kernel modules the image
+//! lists, configures the network from the kernel command line, runs the workload, reaps
+//! zombies, passes signals on, and powers the machine off when the workload exits. Everything
+//! it does is reported on the console as `kestrel: …` lines.
+
+mod cmdline;
+mod net;
+mod supervisor;
+mod system;
+
+use std::io::Write;
+use std::path::Path;
+
+use cmdline::{Boot, Mode, Workload};
+
+const MODULES: &str = "/etc/volant/modules";
+const WORKLOAD: &str = "/etc/volant/workload.json";
+
+fn say(line: &str) {
+    println!("kestrel: {line}");
+    let _ = std::io::stdout().flush();
+}
+
+fn fail(line: &str) -> ! {
+    say(&format!("error: {line}"));
+    say("powering off");
+    system::power_off()
+}
+
+fn workload(boot: &Boot) -> Result<Workload, String> {
+    if let Some(w) = &boot.workload {
+        return Ok(w.clone());
+    }
+    match std::fs::read(WORKLOAD) {
+        Ok(json) => Workload::from_json(&json).map_err(|e| format!("{WORKLOAD}: {e}")),
+        Err(e) => Err(format!(
+            "no workload: volant.workload is absent and {WORKLOAD} cannot be read ({e})"
+        )),
+    }
+}
+
+async fn start(boot: &Boot, w: &Workload) -> Result<i32, String> {
+    let net = net::Net::connect()?;
+    net.loopback().await?;
+    if boot.mode == Mode::Bridge
+        && let Some((ip, prefix)) = boot.ip
+    {
+        net.configure_eth0(ip, prefix, boot.gw).await?;
+    }
+    let names: Vec<String> = net
+        .interfaces()
+        .await?
+        .into_iter()
+        .map(|(_, n)| n)
+        .collect();
+    say(&format!("interfaces {}", names.join(",")));
+    let workload = supervisor::start(w, boot.name.as_deref())?;
+    let ip = boot
+        .ip
+        .map(|(ip, p)| format!("{ip}/{p}"))
+        .unwrap_or_else(|| "none".into());
+    let mode = match boot.mode {
+        Mode::Bridge => "bridge",
+        Mode::Vsock => "vsock",
+    };
+    say(&format!(
+        "ready ip={ip} mode={mode} workload_pid={}",
+        workload.pid()
+    ));
+    Ok(workload.wait().await)
+}
+
+fn main() {
+    say(&format!("starting {}", env!("CARGO_PKG_VERSION")));
+    if std::process::id() != 1 {
+        eprintln!("kestrel is the init of a Volant guest and must run as PID 1");
+        std::process::exit(2);
+    }
+    if let Err(e) = system::mount_all() {
+        fail(&e.to_string());
+    }
+    system::disable_ctrl_alt_del();
+    let line = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let boot = match cmdline::parse(&line) {
+        Ok(boot) => boot,
+        Err(errors) => {
+            for e in &errors {
+                say(&format!("error: {e}"));
+            }
+            fail("the kernel command line is invalid");
+        }
+    };
+    if boot.probe {
+        say("probe ok");
+        system::power_off();
+    }
+    match system::load_modules(Path::new(MODULES)) {
+        Ok(loaded) if !loaded.is_empty() => say(&format!("modules {}", loaded.join(","))),
+        Ok(_) => {}
+        Err(e) => fail(&e),
+    }
+    if let Some(name) = &boot.name
+        && let Err(e) = system::set_hostname(name)
+    {
+        say(&format!("warning: host name: {e}"));
+    }
+    if !boot.dns.is_empty()
+        && let Err(e) = system::write_resolv(&boot.dns)
+    {
+        say(&format!("warning: /etc/resolv.conf: {e}"));
+    }
+    let w = workload(&boot).unwrap_or_else(|e| fail(&e));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| fail(&format!("runtime: {e}")));
+    match rt.block_on(start(&boot, &w)) {
+        Ok(code) => say(&format!("workload exited with status {code}")),
+        Err(e) => say(&format!("error: {e}")),
+    }
+    say("powering off");
+    system::power_off();
+}
