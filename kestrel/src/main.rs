@@ -55,6 +55,9 @@ async fn start(boot: &Boot, w: &Workload) -> Result<i32, String> {
         .collect();
     say(&format!("interfaces {}", names.join(",")));
     let workload = supervisor::start(w, boot.name.as_deref())?;
+    if let Some(port) = boot.http_port.or(w.http_port) {
+        serving(port).await;
+    }
     let ip = boot
         .ip
         .map(|(ip, p)| format!("{ip}/{p}"))
@@ -68,6 +71,23 @@ async fn start(boot: &Boot, w: &Workload) -> Result<i32, String> {
         workload.pid()
     ));
     Ok(workload.wait().await)
+}
+
+/// Waits until the workload accepts connections on `port`, so that `ready` means ready.
+async fn serving(port: u16) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        if tokio::time::Instant::now() > deadline {
+            say(&format!(
+                "warning: the workload does not accept connections on port {port}"
+            ));
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 fn main() {

@@ -19,3 +19,11 @@ pub mod net {
         tonic::include_proto!("volant.net.v1");
     }
 }
+
+/// `volant.vmm.v1`: plugins, VMs and their lifecycle (vmmd).
+pub mod vmm {
+    #[allow(missing_docs, clippy::all)]
+    pub mod v1 {
+        tonic::include_proto!("volant.vmm.v1");
+    }
+}

@@ -26,6 +26,8 @@ pub struct Config {
     pub ipamd: ServiceConfig,
     /// netd's own section.
     pub netd: ServiceConfig,
+    /// vmmd's own section.
+    pub vmmd: VmmdConfig,
     /// Sections this build does not know; reported as a warning, not an error, so that one file
     /// can serve several versions.
     #[serde(flatten)]
@@ -89,6 +91,31 @@ pub struct ServiceConfig {
     pub listen: Option<Addr>,
 }
 
+/// vmmd's section: where it lives, and how it runs hypervisors.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VmmdConfig {
+    /// The state directory.
+    pub state_dir: Option<PathBuf>,
+    /// The listen address.
+    pub listen: Option<Addr>,
+    /// `qemu` or `cloud-hypervisor`; by default Cloud Hypervisor when its binary is found, else
+    /// QEMU. A plugin's manifest may ask for one.
+    pub hypervisor: Option<String>,
+    /// `auto` (default: probe whether KVM can boot a guest), `kvm` or `tcg`.
+    pub accel: Option<String>,
+    /// Where probe results are remembered [default: <state_dir>/accel.json].
+    pub accel_cache: Option<PathBuf>,
+    /// The QEMU binary [default: qemu-system-x86_64 from PATH].
+    pub qemu_binary: Option<PathBuf>,
+    /// The Cloud Hypervisor binary [default: cloud-hypervisor from PATH].
+    pub cloud_hypervisor_binary: Option<PathBuf>,
+    /// Name servers given to guests [default: 1.1.1.1, 8.8.8.8].
+    pub dns: Option<Vec<IpAddr>>,
+    /// How long a guest has to shut down cleanly before its hypervisor is stopped [default: 10].
+    pub stop_timeout_secs: Option<u64>,
+}
+
 impl Config {
     /// Reads the configuration. With no explicit path a missing default file means defaults; an
     /// explicit path that does not exist is an error, since it is most likely a typo.
@@ -115,11 +142,15 @@ impl Config {
         Ok(serde_norway::from_str(text)?)
     }
 
-    /// The section of the service called `name`, if this build knows it.
-    pub fn section(&self, name: &str) -> Option<&ServiceConfig> {
+    /// The common settings of the service called `name`, if this build knows it.
+    pub fn section(&self, name: &str) -> Option<ServiceConfig> {
         match name {
-            "ipamd" => Some(&self.ipamd),
-            "netd" => Some(&self.netd),
+            "ipamd" => Some(self.ipamd.clone()),
+            "netd" => Some(self.netd.clone()),
+            "vmmd" => Some(ServiceConfig {
+                state_dir: self.vmmd.state_dir.clone(),
+                listen: self.vmmd.listen.clone(),
+            }),
             _ => None,
         }
     }

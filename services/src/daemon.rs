@@ -66,7 +66,7 @@ impl Daemon {
         for key in config.unknown.keys() {
             tracing::warn!("config: ignoring section {key:?}, which this build does not know");
         }
-        let section = config.section(name).cloned().unwrap_or_default();
+        let section = config.section(name).unwrap_or_default();
         let run_dir = args
             .run_dir
             .or_else(|| config.run_dir.clone())
@@ -98,7 +98,7 @@ impl Daemon {
     pub fn peer(&self, peer: &str) -> Addr {
         self.config
             .section(peer)
-            .and_then(|s| s.listen.clone())
+            .and_then(|s| s.listen)
             .unwrap_or_else(|| Addr::Unix(self.run_dir.join(format!("{peer}.sock"))))
     }
 

@@ -2,8 +2,9 @@
 //! with its own state and run directories, waits until they serve, and kills them — gently or
 //! with SIGKILL — on demand and when a test ends, also when it fails.
 //!
-//! The binaries come from `VOLANT_BIN_DIR`, else the workspace's `target/debug`: `tests/run`
-//! builds them before running the suite.
+//! The binaries come from `VOLANT_BIN_DIR`, else the workspace's `target/debug`, and the guest
+//! (kernel and initramfs) from `VOLANT_GUEST_DIR`, else `target/guest`: `tests/run` builds both
+//! before running the suite.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -12,6 +13,9 @@ use std::time::{Duration, Instant};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+use volant_services::api::ipam::v1::ipam_client::IpamClient;
+use volant_services::api::net::v1::net_client::NetClient;
+use volant_services::api::vmm::v1::vmm_client::VmmClient;
 use volant_services::{Addr, Channel, dial};
 
 /// The directory of the binaries under test.
@@ -31,6 +35,65 @@ pub fn bin(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// The directory of the guest kernel (`vmlinux`) and the `hello` initramfs.
+pub fn guest_dir() -> PathBuf {
+    let dir = std::env::var_os("VOLANT_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest"));
+    for f in ["vmlinux", "hello.cpio.gz"] {
+        assert!(
+            dir.join(f).is_file(),
+            "{} is missing: build the guest first (tests/run does), or point VOLANT_GUEST_DIR at it",
+            dir.join(f).display()
+        );
+    }
+    dir
+}
+
+/// The manifest of the demo plugin `hello`, pointing at the built guest.
+pub fn hello_manifest() -> String {
+    let dir = guest_dir();
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/plugins/hello/manifest.json"),
+    )
+    .expect("hello manifest");
+    text.replace(
+        "/var/lib/volant/kernel/vmlinux",
+        &dir.join("vmlinux").display().to_string(),
+    )
+    .replace(
+        "/var/lib/volant/images/hello.cpio.gz",
+        &dir.join("hello.cpio.gz").display().to_string(),
+    )
+}
+
+/// Kills every process one of whose arguments contains `needle` (hypervisors a test started
+/// under its own directory), and waits until they are gone.
+pub fn kill_by_arg(needle: &str) {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    let pids: Vec<i32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|pid: &i32| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
+        .collect();
+    for pid in &pids {
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe { libc::kill(*pid, libc::SIGKILL) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids
+        .iter()
+        .any(|p| Path::new(&format!("/proc/{p}")).exists())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// A daemon under test, started from its real binary.
@@ -288,6 +351,41 @@ impl Netns {
         });
     }
 
+    /// Serves HTTP on `addr` inside the namespace: every request gets `200` with the body
+    /// `<tag> sees <peer address>`. Runs until the process ends.
+    pub fn serve_http(&self, addr: &str, tag: &str) {
+        let addr = addr.to_string();
+        let tag = tag.to_string();
+        let listener = self.enter(move || std::net::TcpListener::bind(&addr).expect("bind"));
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let tag = tag.clone();
+                std::thread::spawn(move || {
+                    conn.set_read_timeout(Some(Duration::from_secs(5))).ok();
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") && head.len() < 16384 {
+                        match std::io::Read::read(&mut conn, &mut byte) {
+                            Ok(1) => head.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    let peer = conn
+                        .peer_addr()
+                        .map(|a| a.ip().to_string())
+                        .unwrap_or_default();
+                    let body = format!("{tag} sees {peer}\n");
+                    let reply = format!(
+                        "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = std::io::Write::write_all(&mut conn, reply.as_bytes());
+                });
+            }
+        });
+    }
+
     /// Connects from inside the namespace to `addr` and returns the line it answers, or why not.
     pub fn fetch(&self, addr: &str) -> Result<String, String> {
         let addr: std::net::SocketAddr = addr.parse().expect("socket address");
@@ -299,6 +397,30 @@ impl Netns {
             std::io::Read::read_to_string(&mut conn, &mut line)
                 .map_err(|e| format!("read: {e}"))?;
             Ok(line.trim().to_string())
+        })
+    }
+}
+
+impl Netns {
+    /// An HTTP/1.0 GET from inside the namespace: the status code and the body.
+    pub fn http_get(&self, addr: &str, path: &str) -> Result<(u16, String), String> {
+        let addr: std::net::SocketAddr = addr.parse().expect("socket address");
+        let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        self.enter(move || {
+            let mut conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+                .map_err(|e| format!("connect {addr}: {e}"))?;
+            conn.set_read_timeout(Some(Duration::from_secs(10))).ok();
+            std::io::Write::write_all(&mut conn, request.as_bytes()).map_err(|e| e.to_string())?;
+            let mut raw = Vec::new();
+            std::io::Read::read_to_end(&mut conn, &mut raw).map_err(|e| format!("read: {e}"))?;
+            let text = String::from_utf8_lossy(&raw).to_string();
+            let (head, body) = text.split_once("\r\n\r\n").ok_or("no HTTP header")?;
+            let code = head
+                .split(' ')
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .ok_or("no HTTP status")?;
+            Ok((code, body.to_string()))
         })
     }
 }
@@ -336,4 +458,93 @@ pub fn iptables_save(ns: &Netns) -> String {
         .filter(|l| !l.starts_with('#'))
         .map(|l| format!("{l}\n"))
         .collect()
+}
+
+/// The host namespace and an upstream namespace behind the veth `up0`: host 10.99.0.1, upstream
+/// 10.99.0.2, and no route in the upstream back to any VM subnet, so anything that reaches it
+/// from a VM went through NAT.
+pub fn host_and_upstream() -> (Netns, Netns) {
+    let host = Netns::new("host");
+    let up = Netns::new("up");
+    host.sh(&format!(
+        "ip link add up0 type veth peer name eth0 netns {} && \
+         ip addr add 10.99.0.1/24 dev up0 && ip link set up0 up",
+        up.name
+    ));
+    up.sh("ip addr add 10.99.0.2/24 dev eth0 && ip link set eth0 up");
+    (host, up)
+}
+
+/// ipamd, netd and vmmd as separate processes in a host namespace with an upstream behind NAT,
+/// sharing one config file and run directory. Dropping it kills the daemons and every
+/// hypervisor they started, then removes the namespaces.
+pub struct ControlPlane {
+    /// ipamd.
+    pub ipamd: Daemon,
+    /// netd.
+    pub netd: Daemon,
+    /// vmmd.
+    pub vmmd: Daemon,
+    /// Where the daemons run.
+    pub host: Netns,
+    /// The upstream host.
+    pub up: Netns,
+    /// State, run directory and config.
+    pub root: tempfile::TempDir,
+}
+
+impl ControlPlane {
+    /// Starts the three daemons.
+    pub async fn start() -> ControlPlane {
+        let root = tempfile::tempdir().expect("tempdir");
+        let (host, up) = host_and_upstream();
+        let config = root.path().join("volant.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "vmmd:\n  accel_cache: {}\n  dns: [10.99.0.2]\n  stop_timeout_secs: 5\n",
+                guest_dir().join("accel.json").display()
+            ),
+        )
+        .expect("config");
+        let args = ["--config", config.to_str().expect("utf-8 path")];
+        let ipamd = Daemon::start_in(Some(&host), "ipamd", root.path(), &args).await;
+        let netd = Daemon::start_in(Some(&host), "netd", root.path(), &args).await;
+        let vmmd = Daemon::start_in(Some(&host), "vmmd", root.path(), &args).await;
+        ControlPlane {
+            ipamd,
+            netd,
+            vmmd,
+            host,
+            up,
+            root,
+        }
+    }
+
+    /// A vmmd client.
+    pub fn vmm(&self) -> VmmClient<Channel> {
+        VmmClient::new(self.vmmd.channel())
+    }
+
+    /// An ipamd client.
+    pub fn ipam(&self) -> IpamClient<Channel> {
+        IpamClient::new(self.ipamd.channel())
+    }
+
+    /// A netd client.
+    pub fn net(&self) -> NetClient<Channel> {
+        NetClient::new(self.netd.channel())
+    }
+
+    /// The hypervisor control sockets live here; their processes name it in their arguments.
+    pub fn run_dir(&self) -> PathBuf {
+        self.root.path().join("run")
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.vmmd.kill9();
+        kill_by_arg(&self.run_dir().join("vmm-").display().to_string());
+    }
 }

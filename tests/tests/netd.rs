@@ -19,7 +19,7 @@ use volant_services::api::net::v1::{
     ListPortForwardsRequest, ListTapsRequest, Network, PortForward, ReconcileRequest,
     RemovePortForwardRequest, remove_port_forward_request,
 };
-use volant_tests::{Daemon, Netns, iptables_save};
+use volant_tests::{Daemon, Netns, host_and_upstream, iptables_save};
 
 type Client = NetClient<Channel>;
 
@@ -43,14 +43,7 @@ fn links(ns: &Netns) -> BTreeSet<String> {
 
 async fn lab() -> Lab {
     let root = tempfile::tempdir().unwrap();
-    let host = Netns::new("host");
-    let up = Netns::new("up");
-    host.sh(&format!(
-        "ip link add up0 type veth peer name eth0 netns {} && \
-         ip addr add 10.99.0.1/24 dev up0 && ip link set up0 up",
-        up.name
-    ));
-    up.sh("ip addr add 10.99.0.2/24 dev eth0 && ip link set eth0 up");
+    let (host, up) = host_and_upstream();
     // An operator's own rules, which netd must never touch.
     host.sh("iptables -A FORWARD -s 10.98.0.0/16 -j ACCEPT && \
          iptables -t nat -A POSTROUTING -s 10.98.0.0/16 -o up0 -j MASQUERADE");

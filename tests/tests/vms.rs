@@ -1,0 +1,453 @@
+//! Real microVMs on the bridge, end to end: ipamd, netd and vmmd as separate processes in a
+//! fresh namespace, QEMU booting Debian's kernel with kestrel and the `hello` workload, traffic
+//! from the host, between VMs and out through NAT, a crash of vmmd, and a teardown that leaves
+//! nothing behind. Guest boots are few and shared by many checks (each takes seconds under TCG).
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use tokio_stream::StreamExt;
+use tonic::Code;
+use volant_services::Channel;
+use volant_services::api::ipam::v1::{CreatePoolRequest, ListLeasesRequest, Pool};
+use volant_services::api::net::v1::{EnsureNetworkRequest, ListTapsRequest, Network};
+use volant_services::api::vmm::v1::vmm_client::VmmClient;
+use volant_services::api::vmm::v1::{
+    CreateVmRequest, DeleteVmRequest, GetVmRequest, InstallPluginRequest, ListVmsRequest,
+    StartVmRequest, StopVmRequest, StreamLogsRequest, Vm, VmStatus, WatchEventsRequest,
+};
+use volant_tests::{ControlPlane, hello_manifest, iptables_save};
+
+type Vmm = VmmClient<Channel>;
+
+fn create(name: &str, network: &str, ip: &str) -> CreateVmRequest {
+    CreateVmRequest {
+        name: name.into(),
+        plugin: "hello".into(),
+        network: network.into(),
+        ip: ip.into(),
+        ..Default::default()
+    }
+}
+
+async fn get(vmm: &mut Vmm, name: &str) -> Vm {
+    vmm.get_vm(GetVmRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .vm
+        .unwrap()
+}
+
+/// Follows the VM's console until kestrel reports `ready` for the `boot`th time (the log keeps
+/// earlier boots), at most `limit`.
+async fn ready(
+    mut vmm: Vmm,
+    name: String,
+    boot: usize,
+    limit: Duration,
+) -> Result<Duration, String> {
+    let start = Instant::now();
+    let mut stream = vmm
+        .stream_logs(StreamLogsRequest {
+            name: name.clone(),
+            follow: true,
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner();
+    let mut console = String::new();
+    let found = tokio::time::timeout(limit, async {
+        while let Some(Ok(chunk)) = stream.next().await {
+            console.push_str(&String::from_utf8_lossy(&chunk.data));
+            if console.matches("kestrel: ready").count() >= boot {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    match found {
+        Ok(true) => Ok(start.elapsed()),
+        _ => Err(format!(
+            "{name} not ready after {limit:?}; console:\n{console}"
+        )),
+    }
+}
+
+fn page(cp: &ControlPlane, ip: &str, path: &str) -> String {
+    let (code, body) = cp
+        .host
+        .http_get(&format!("{ip}:80"), path)
+        .unwrap_or_else(|e| panic!("GET http://{ip}{path}: {e}"));
+    assert_eq!(code, 200, "GET http://{ip}{path}: {body}");
+    body.trim().to_string()
+}
+
+/// Whether the process runs (a zombie waiting for whoever adopted it does not).
+fn alive(pid: i64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rfind(')').map(|i| !s[i + 2..].starts_with('Z')))
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vms_boot_on_the_bridge_talk_and_leave_nothing_behind() {
+    let mut cp = ControlPlane::start().await;
+    cp.up.serve_http("0.0.0.0:80", "up");
+    let mut vmm = cp.vmm();
+    let mut events = vmm
+        .watch_events(WatchEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+
+    let installed = vmm
+        .install_plugin(InstallPluginRequest {
+            manifest_json: hello_manifest(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(installed.created);
+
+    // A second network whose pool holds exactly one address.
+    cp.ipam()
+        .create_pool(CreatePoolRequest {
+            pool: Some(Pool {
+                name: "volant1".into(),
+                subnet: "192.168.128.0/24".into(),
+                gateway: "192.168.128.1".into(),
+                range_start: "192.168.128.50".into(),
+                range_end: "192.168.128.50".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    cp.net()
+        .ensure_network(EnsureNetworkRequest {
+            network: Some(Network {
+                name: "volant1".into(),
+                subnet: "192.168.128.0/24".into(),
+                gateway: "192.168.128.1".into(),
+                nat: true,
+                status: None,
+            }),
+        })
+        .await
+        .unwrap();
+    let rules_before_vms = iptables_save(&cp.host);
+
+    // Three guests: two on volant0, one with a fixed address on volant1.
+    let a = vmm
+        .create_vm(create("a", "", ""))
+        .await
+        .unwrap()
+        .into_inner()
+        .vm
+        .unwrap();
+    let b = vmm
+        .create_vm(create("b", "bridge", ""))
+        .await
+        .unwrap()
+        .into_inner()
+        .vm
+        .unwrap();
+    let d = vmm
+        .create_vm(create("d", "bridge=volant1", "192.168.128.50"))
+        .await
+        .unwrap()
+        .into_inner()
+        .vm
+        .unwrap();
+    assert_eq!(
+        (a.ip_address.as_str(), b.ip_address.as_str()),
+        ("192.168.127.100", "192.168.127.101")
+    );
+    assert_eq!(d.ip_address, "192.168.128.50");
+    for vm in [&a, &b, &d] {
+        assert_eq!(vm.status, VmStatus::Running as i32, "{vm:?}");
+        assert!(alive(vm.pid), "{} has no hypervisor", vm.name);
+        assert_eq!(vm.hypervisor, "qemu");
+        assert!(vm.tap_device.starts_with("vmtap-"));
+        assert!(
+            vm.kernel_cmdline
+                .contains(&format!("volant.ip={}/24", vm.ip_address))
+        );
+    }
+    let limit = Duration::from_secs(120);
+    let boots = tokio::join!(
+        ready(cp.vmm(), "a".into(), 1, limit),
+        ready(cp.vmm(), "b".into(), 1, limit),
+        ready(cp.vmm(), "d".into(), 1, limit)
+    );
+    for boot in [&boots.0, &boots.1, &boots.2] {
+        boot.as_ref().unwrap();
+    }
+    println!("boot to kestrel ready (three at once): {boots:?}");
+
+    // The host reaches every guest; the guests reach each other on one bridge, and the
+    // upstream through NAT; the networks do not reach each other.
+    assert!(page(&cp, "192.168.127.100", "/").contains("Hello from Volant"));
+    assert_eq!(page(&cp, "192.168.127.100", "/cgi-bin/whoami"), "a");
+    assert_eq!(page(&cp, "192.168.127.101", "/cgi-bin/whoami"), "b");
+    assert_eq!(page(&cp, "192.168.128.50", "/cgi-bin/whoami"), "d");
+    assert_eq!(
+        page(
+            &cp,
+            "192.168.127.100",
+            "/cgi-bin/fetch?http://192.168.127.101/cgi-bin/whoami"
+        ),
+        "b",
+        "VM a fetches VM b's page"
+    );
+    assert_eq!(
+        page(&cp, "192.168.127.100", "/cgi-bin/fetch?http://10.99.0.2/"),
+        "up sees 10.99.0.1",
+        "VM a reaches the upstream through NAT"
+    );
+    assert_eq!(
+        page(&cp, "192.168.128.50", "/cgi-bin/fetch?http://10.99.0.2/"),
+        "up sees 10.99.0.1"
+    );
+    let crossed = page(
+        &cp,
+        "192.168.128.50",
+        "/cgi-bin/fetch?http://192.168.127.100/cgi-bin/whoami",
+    );
+    assert!(
+        crossed.ends_with("fetch failed"),
+        "volant1 reached volant0: {crossed}"
+    );
+
+    // Clear errors, nothing leaked.
+    let err = vmm
+        .create_vm(CreateVmRequest {
+            plugin: "nope".into(),
+            ..create("x", "", "")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let err = vmm.create_vm(create("a", "", "")).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    let err = vmm
+        .create_vm(create("e", "bridge=volant1", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("no free address"),
+        "{}",
+        err.message()
+    );
+    let e = get(&mut vmm, "e").await;
+    assert_eq!(e.status, VmStatus::Failed as i32);
+    assert!(
+        e.ip_address.is_empty() && e.tap_device.is_empty() && e.pid == 0,
+        "{e:?}"
+    );
+    let broken = hello_manifest()
+        .replace("\"hello\"", "\"broken\"")
+        .replace("vmlinux\"", "hello.cpio.gz\"");
+    vmm.install_plugin(InstallPluginRequest {
+        manifest_json: broken,
+    })
+    .await
+    .unwrap();
+    let err = vmm
+        .create_vm(CreateVmRequest {
+            plugin: "broken".into(),
+            ..create("f", "", "")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("could not start"),
+        "{}",
+        err.message()
+    );
+    let leases: BTreeSet<String> = cp
+        .ipam()
+        .list_leases(ListLeasesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .leases
+        .into_iter()
+        .map(|l| l.vm)
+        .collect();
+    assert_eq!(
+        leases,
+        BTreeSet::from(["a".into(), "b".into(), "d".into()]),
+        "no lease for e or f"
+    );
+    let taps: BTreeSet<String> = cp
+        .net()
+        .list_taps(ListTapsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .taps
+        .into_iter()
+        .map(|t| t.vm)
+        .collect();
+    assert_eq!(
+        taps,
+        BTreeSet::from(["a".into(), "b".into(), "d".into()]),
+        "no TAP for e or f"
+    );
+
+    // The events told the story so far.
+    let mut seen = Vec::new();
+    while let Ok(Some(Ok(e))) =
+        tokio::time::timeout(Duration::from_millis(200), events.next()).await
+    {
+        seen.push((e.name, e.previous, e.status));
+    }
+    for name in ["a", "b", "d"] {
+        let up = (
+            name.to_string(),
+            VmStatus::Creating as i32,
+            VmStatus::Running as i32,
+        );
+        assert!(seen.contains(&up), "{seen:?}");
+    }
+    let failed = (
+        "e".to_string(),
+        VmStatus::Creating as i32,
+        VmStatus::Failed as i32,
+    );
+    assert!(seen.contains(&failed), "{seen:?}");
+
+    // vmmd crashes; its VMs keep running and are re-adopted.
+    cp.vmmd.kill9();
+    assert!(alive(a.pid) && alive(b.pid) && alive(d.pid));
+    cp.vmmd.restart().await;
+    vmm = cp.vmm();
+    let mut events = vmm
+        .watch_events(WatchEventsRequest { name: "a".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    for vm in [&a, &b, &d] {
+        let now = get(&mut vmm, &vm.name).await;
+        assert_eq!(
+            (now.status, now.pid),
+            (VmStatus::Running as i32, vm.pid),
+            "{}",
+            vm.name
+        );
+    }
+    assert_eq!(page(&cp, "192.168.127.100", "/cgi-bin/whoami"), "a");
+
+    // A clean stop through the guest, and a start with the same address.
+    let stopped = vmm
+        .stop_vm(StopVmRequest { name: "b".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .vm
+        .unwrap();
+    assert_eq!(stopped.status, VmStatus::Stopped as i32);
+    assert!(!alive(b.pid));
+    let started = vmm
+        .start_vm(StartVmRequest { name: "b".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .vm
+        .unwrap();
+    assert_eq!(started.ip_address, "192.168.127.101");
+    ready(cp.vmm(), "b".into(), 2, limit).await.unwrap();
+    let console = cp.root.path().join("vmmd/state/vms/b/serial.log");
+    let console = std::fs::read_to_string(console).unwrap();
+    assert!(console.contains("kestrel: shutdown requested"), "{console}");
+    assert_eq!(page(&cp, "192.168.127.101", "/cgi-bin/whoami"), "b");
+
+    // Delete everything: no lease, no TAP, no hypervisor, no stray rule.
+    let pids: Vec<i64> = vmm
+        .list_vms(ListVmsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .vms
+        .iter()
+        .map(|v| v.pid)
+        .filter(|p| *p > 0)
+        .collect();
+    for name in ["a", "b", "d", "e", "f"] {
+        let deleted = vmm
+            .delete_vm(DeleteVmRequest {
+                name: name.into(),
+                force: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .deleted;
+        assert!(deleted, "{name}");
+    }
+    let again = vmm
+        .delete_vm(DeleteVmRequest {
+            name: "a".into(),
+            force: false,
+        })
+        .await
+        .unwrap();
+    assert!(!again.into_inner().deleted, "idempotent");
+    assert!(
+        pids.iter().all(|p| !alive(*p)),
+        "hypervisors left: {pids:?}"
+    );
+    assert!(
+        cp.ipam()
+            .list_leases(ListLeasesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .leases
+            .is_empty()
+    );
+    assert!(
+        cp.net()
+            .list_taps(ListTapsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .taps
+            .is_empty()
+    );
+    cp.net()
+        .reconcile(volant_services::api::net::v1::ReconcileRequest {})
+        .await
+        .unwrap();
+    let links = cp.host.sh("ip -o link show");
+    assert!(!links.contains("vmtap-"), "{links}");
+    assert_eq!(iptables_save(&cp.host), rules_before_vms, "no stray rule");
+    assert!(
+        vmm.list_vms(ListVmsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .vms
+            .is_empty()
+    );
+
+    let mut seen = Vec::new();
+    while let Ok(Some(Ok(e))) = tokio::time::timeout(Duration::from_secs(1), events.next()).await {
+        seen.push((e.previous, e.status, e.deleted));
+    }
+    let deleting = VmStatus::Deleting as i32;
+    assert_eq!(
+        seen,
+        [
+            (VmStatus::Running as i32, deleting, false),
+            (deleting, VmStatus::Unspecified as i32, true)
+        ],
+        "a's events after the restart"
+    );
+}

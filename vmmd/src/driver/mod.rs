@@ -1,0 +1,140 @@
+//! Hypervisor drivers behind one trait: QEMU (QMP) and Cloud Hypervisor (REST API).
+
+pub mod cloud_hypervisor;
+pub mod qemu;
+pub mod qmp;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::records::Paths;
+
+/// A NIC: the TAP netd made and the guest's MAC.
+pub struct Nic {
+    /// TAP device.
+    pub tap: String,
+    /// Guest MAC.
+    pub mac: String,
+}
+
+/// Everything a driver needs to start a VM.
+pub struct LaunchSpec<'a> {
+    /// VM name.
+    pub name: &'a str,
+    /// Kernel path.
+    pub kernel: &'a str,
+    /// Initramfs path.
+    pub initramfs: &'a str,
+    /// Kernel command line.
+    pub cmdline: &'a str,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Memory in MiB.
+    pub memory_mb: u32,
+    /// The NIC, in bridge mode.
+    pub nic: Option<Nic>,
+    /// Where its files go.
+    pub paths: &'a Paths,
+    /// `kvm` or `tcg`.
+    pub accel: &'a str,
+}
+
+/// A started hypervisor.
+pub struct Launched {
+    /// Its process.
+    pub child: tokio::process::Child,
+    /// How long spawning the process took (the control plane's share ends here).
+    pub spawned_in: Duration,
+}
+
+/// Starting, stopping and probing one kind of hypervisor.
+#[tonic::async_trait]
+pub trait Driver: Send + Sync {
+    /// Starts the VM; returns once the hypervisor answers on its control socket.
+    async fn launch(&self, spec: &LaunchSpec<'_>) -> Result<Launched, String>;
+    /// Asks the guest to shut down cleanly.
+    async fn request_shutdown(&self, api: &Path) -> Result<(), String>;
+    /// Tells the hypervisor to stop at once.
+    async fn force_stop(&self, api: &Path) -> Result<(), String>;
+    /// Whether the hypervisor behind `api` answers.
+    async fn ping(&self, api: &Path) -> Result<(), String>;
+}
+
+/// Spawns a hypervisor process: its own session (signals to vmmd do not reach it, and it
+/// survives vmmd), stdout and stderr appended to `log`.
+pub fn spawn(
+    binary: &Path,
+    args: &[String],
+    log: &Path,
+) -> Result<(tokio::process::Child, Duration), String> {
+    let started = Instant::now();
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| format!("opening {}: {e}", log.display()))?;
+    let err = out.try_clone().map_err(|e| e.to_string())?;
+    let mut cmd = tokio::process::Command::new(binary);
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .kill_on_drop(false);
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", binary.display()))?;
+    Ok((child, started.elapsed()))
+}
+
+/// The last lines of a hypervisor's log, for error messages.
+pub fn tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(5).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}
+
+/// Waits until `ready` succeeds, the process exits (an error with its log's tail) or `limit`
+/// passes.
+pub async fn wait_ready<F, Fut>(
+    child: &mut tokio::process::Child,
+    log: &Path,
+    limit: Duration,
+    mut ready: F,
+) -> Result<(), String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("the hypervisor exited ({status}): {}", tail(log)));
+        }
+        let last = match ready().await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the hypervisor did not answer within {limit:?} ({last}): {}",
+                tail(log)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Removes a stale control socket before a launch.
+pub fn clear_socket(path: &PathBuf) {
+    let _ = std::fs::remove_file(path);
+}

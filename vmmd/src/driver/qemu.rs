@@ -1,0 +1,171 @@
+//! The QEMU driver: `qemu-system-x86_64` with KVM when it works and software emulation (TCG)
+//! otherwise, the `pc` machine, virtio-net on the TAP netd made, serial console to a log file,
+//! lifecycle over QMP.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::qmp::Qmp;
+use super::{Driver, LaunchSpec, Launched, clear_socket, spawn, wait_ready};
+
+/// How long QEMU may take to answer on QMP after it starts.
+const READY_LIMIT: Duration = Duration::from_secs(20);
+
+/// The QEMU driver.
+pub struct Qemu {
+    /// The `qemu-system-x86_64` binary.
+    pub binary: PathBuf,
+}
+
+/// QEMU's arguments for `spec`.
+pub fn args(spec: &LaunchSpec<'_>) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "-name".into(),
+        format!("guest={},debug-threads=on", spec.name),
+        "-accel".into(),
+        spec.accel.into(),
+        "-machine".into(),
+        "pc".into(),
+    ];
+    if spec.accel == "kvm" {
+        a.extend(["-cpu".into(), "host".into()]);
+    }
+    a.extend([
+        "-smp".into(),
+        spec.cpus.to_string(),
+        "-m".into(),
+        format!("{}M", spec.memory_mb),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-no-reboot".into(),
+        "-display".into(),
+        "none".into(),
+        "-monitor".into(),
+        "none".into(),
+        "-kernel".into(),
+        spec.kernel.into(),
+        "-initrd".into(),
+        spec.initramfs.into(),
+        "-append".into(),
+        spec.cmdline.into(),
+        "-chardev".into(),
+        format!(
+            "file,id=serial0,path={},append=on",
+            spec.paths.serial.display()
+        ),
+        "-serial".into(),
+        "chardev:serial0".into(),
+        "-qmp".into(),
+        format!(
+            "unix:{},server=on,wait=off",
+            spec.paths.api_socket.display()
+        ),
+    ]);
+    if let Some(nic) = &spec.nic {
+        a.extend([
+            "-netdev".into(),
+            format!(
+                "tap,id=net0,ifname={},script=no,downscript=no,vhost=off",
+                nic.tap
+            ),
+            "-device".into(),
+            format!("virtio-net-pci,netdev=net0,mac={}", nic.mac),
+        ]);
+    }
+    a
+}
+
+#[tonic::async_trait]
+impl Driver for Qemu {
+    async fn launch(&self, spec: &LaunchSpec<'_>) -> Result<Launched, String> {
+        clear_socket(&spec.paths.api_socket);
+        let (mut child, spawned_in) = {
+            let _span = tracing::info_span!("hypervisor.spawn", hypervisor = "qemu").entered();
+            spawn(&self.binary, &args(spec), &spec.paths.hypervisor_log)?
+        };
+        let api = spec.paths.api_socket.clone();
+        wait_ready(&mut child, &spec.paths.hypervisor_log, READY_LIMIT, || {
+            let api = api.clone();
+            async move { Qmp::connect(&api).await.map(drop) }
+        })
+        .await?;
+        Ok(Launched { child, spawned_in })
+    }
+
+    async fn request_shutdown(&self, api: &Path) -> Result<(), String> {
+        // Ctrl-Alt-Del reaches kestrel as SIGINT: it stops the workload and powers off.
+        let keys = json!({ "keys": [
+            { "type": "qcode", "data": "ctrl" },
+            { "type": "qcode", "data": "alt" },
+            { "type": "qcode", "data": "delete" }
+        ]});
+        Qmp::connect(api)
+            .await?
+            .execute("send-key", Some(keys))
+            .await
+            .map(drop)
+    }
+
+    async fn force_stop(&self, api: &Path) -> Result<(), String> {
+        let mut qmp = Qmp::connect(api).await?;
+        // QEMU may close the socket before it answers: that is success too.
+        match qmp.execute("quit", None).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.contains("closed") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn ping(&self, api: &Path) -> Result<(), String> {
+        Qmp::connect(api)
+            .await?
+            .execute("query-status", None)
+            .await
+            .map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::Nic;
+    use crate::records::Paths;
+
+    #[test]
+    fn arguments_for_a_bridge_vm() {
+        let paths = Paths::of(
+            Path::new("/var/lib/volant/vmmd"),
+            Path::new("/run/volant"),
+            "web",
+        );
+        let spec = LaunchSpec {
+            name: "web",
+            kernel: "/k",
+            initramfs: "/i",
+            cmdline: "console=ttyS0 volant.ip=192.168.127.100/24",
+            cpus: 2,
+            memory_mb: 256,
+            nic: Some(Nic {
+                tap: "vmtap-web".into(),
+                mac: "02:00:00:00:00:01".into(),
+            }),
+            paths: &paths,
+            accel: "tcg",
+        };
+        let a = args(&spec).join(" ");
+        for want in [
+            "-accel tcg -machine pc -smp 2 -m 256M",
+            "-no-reboot -display none",
+            "-kernel /k -initrd /i -append console=ttyS0 volant.ip=192.168.127.100/24",
+            "file,id=serial0,path=/var/lib/volant/vmmd/vms/web/serial.log,append=on",
+            "-qmp unix:/run/volant/vmm-web.sock,server=on,wait=off",
+            "tap,id=net0,ifname=vmtap-web,script=no,downscript=no,vhost=off",
+            "virtio-net-pci,netdev=net0,mac=02:00:00:00:00:01",
+        ] {
+            assert!(a.contains(want), "{want} missing from {a}");
+        }
+        assert!(!a.contains("-cpu host"), "no host CPU under TCG");
+    }
+}

@@ -1,0 +1,216 @@
+//! `volant.vmm.v1.Vmm` over gRPC: translation between the wire and [`Vmm`].
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use volant_services::api::vmm::v1 as pb;
+
+use crate::records::{Paths, Plugin};
+use crate::vmm::{CreateRequest, Vmm, vm_pb};
+
+/// The gRPC face of vmmd.
+pub struct VmmService {
+    vmm: Arc<Vmm>,
+    paths: Box<dyn Fn(&str) -> Paths + Send + Sync>,
+}
+
+impl VmmService {
+    /// Serves `vmm`; `paths` locates a VM's files.
+    pub fn new(vmm: Arc<Vmm>, paths: Box<dyn Fn(&str) -> Paths + Send + Sync>) -> VmmService {
+        VmmService { vmm, paths }
+    }
+}
+
+fn plugin_pb(p: Plugin) -> pb::Plugin {
+    pb::Plugin {
+        name: p.manifest.name.clone(),
+        version: p.manifest.version.clone(),
+        network_mode: p.manifest.networking.mode.as_str().into(),
+        manifest_json: serde_json::to_string(&p.manifest).expect("JSON"),
+        installed_at: Some(p.installed_at.into()),
+    }
+}
+
+type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::vmm_server::Vmm for VmmService {
+    async fn install_plugin(
+        &self,
+        req: Request<pb::InstallPluginRequest>,
+    ) -> Result<Response<pb::InstallPluginResponse>, Status> {
+        let (plugin, created) = self
+            .vmm
+            .install_plugin(&req.into_inner().manifest_json)
+            .await?;
+        Ok(Response::new(pb::InstallPluginResponse {
+            plugin: Some(plugin_pb(plugin)),
+            created,
+        }))
+    }
+
+    async fn get_plugin(
+        &self,
+        req: Request<pb::GetPluginRequest>,
+    ) -> Result<Response<pb::GetPluginResponse>, Status> {
+        let plugin = self.vmm.plugin(&req.into_inner().name)?;
+        Ok(Response::new(pb::GetPluginResponse {
+            plugin: Some(plugin_pb(plugin)),
+        }))
+    }
+
+    async fn list_plugins(
+        &self,
+        _: Request<pb::ListPluginsRequest>,
+    ) -> Result<Response<pb::ListPluginsResponse>, Status> {
+        Ok(Response::new(pb::ListPluginsResponse {
+            plugins: self.vmm.plugins().into_iter().map(plugin_pb).collect(),
+        }))
+    }
+
+    async fn remove_plugin(
+        &self,
+        req: Request<pb::RemovePluginRequest>,
+    ) -> Result<Response<pb::RemovePluginResponse>, Status> {
+        let removed = self.vmm.remove_plugin(&req.into_inner().name).await?;
+        Ok(Response::new(pb::RemovePluginResponse { removed }))
+    }
+
+    async fn create_vm(
+        &self,
+        req: Request<pb::CreateVmRequest>,
+    ) -> Result<Response<pb::CreateVmResponse>, Status> {
+        let r = req.into_inner();
+        let span = tracing::info_span!("vm.create", vm = %r.name, plugin = %r.plugin);
+        let _g = span.enter();
+        let vm = self
+            .vmm
+            .create(CreateRequest {
+                name: r.name,
+                plugin: r.plugin,
+                cpu_cores: r.cpu_cores,
+                memory_mb: r.memory_mb,
+                network: r.network,
+                ip: r.ip,
+                kernel_cmdline: r.kernel_cmdline,
+            })
+            .await?;
+        Ok(Response::new(pb::CreateVmResponse {
+            vm: Some(vm_pb(&vm)),
+        }))
+    }
+
+    async fn get_vm(
+        &self,
+        req: Request<pb::GetVmRequest>,
+    ) -> Result<Response<pb::GetVmResponse>, Status> {
+        let vm = self.vmm.get(&req.into_inner().name)?;
+        Ok(Response::new(pb::GetVmResponse {
+            vm: Some(vm_pb(&vm)),
+        }))
+    }
+
+    async fn list_vms(
+        &self,
+        _: Request<pb::ListVmsRequest>,
+    ) -> Result<Response<pb::ListVmsResponse>, Status> {
+        Ok(Response::new(pb::ListVmsResponse {
+            vms: self.vmm.list().iter().map(vm_pb).collect(),
+        }))
+    }
+
+    async fn delete_vm(
+        &self,
+        req: Request<pb::DeleteVmRequest>,
+    ) -> Result<Response<pb::DeleteVmResponse>, Status> {
+        let r = req.into_inner();
+        let deleted = self.vmm.delete(&r.name, r.force).await?;
+        Ok(Response::new(pb::DeleteVmResponse { deleted }))
+    }
+
+    async fn start_vm(
+        &self,
+        req: Request<pb::StartVmRequest>,
+    ) -> Result<Response<pb::StartVmResponse>, Status> {
+        let vm = self.vmm.start(&req.into_inner().name).await?;
+        Ok(Response::new(pb::StartVmResponse {
+            vm: Some(vm_pb(&vm)),
+        }))
+    }
+
+    async fn stop_vm(
+        &self,
+        req: Request<pb::StopVmRequest>,
+    ) -> Result<Response<pb::StopVmResponse>, Status> {
+        let vm = self.vmm.stop(&req.into_inner().name).await?;
+        Ok(Response::new(pb::StopVmResponse {
+            vm: Some(vm_pb(&vm)),
+        }))
+    }
+
+    async fn restart_vm(
+        &self,
+        req: Request<pb::RestartVmRequest>,
+    ) -> Result<Response<pb::RestartVmResponse>, Status> {
+        let vm = self.vmm.restart(&req.into_inner().name).await?;
+        Ok(Response::new(pb::RestartVmResponse {
+            vm: Some(vm_pb(&vm)),
+        }))
+    }
+
+    type WatchEventsStream = Streamed<pb::VmEvent>;
+
+    async fn watch_events(
+        &self,
+        req: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let only = req.into_inner().name;
+        let mut events = self.vmm.subscribe();
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let item = match events.recv().await {
+                    Ok(e) if only.is_empty() || e.name == only => Ok(e),
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Lagged(n)) => Err(Status::data_loss(format!(
+                        "this watcher fell {n} events behind and missed them; watch again and \
+                         list the VMs to resynchronise"
+                    ))),
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                let stop = item.is_err();
+                if tx.send(item).await.is_err() || stop {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type StreamLogsStream = Streamed<pb::LogChunk>;
+
+    async fn stream_logs(
+        &self,
+        req: Request<pb::StreamLogsRequest>,
+    ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        let r = req.into_inner();
+        self.vmm.get(&r.name)?;
+        let path = (self.paths)(&r.name).serial;
+        let (tx, rx) = mpsc::channel::<Vec<u8>>(16);
+        let vmm = self.vmm.clone();
+        let name = r.name.clone();
+        tokio::spawn(async move {
+            let gone = || vmm.get(&name).is_err();
+            if let Err(e) = crate::logs::stream(path, r.follow, tx, gone).await {
+                tracing::warn!(vm = %name, "streaming the log: {e}");
+            }
+        });
+        let stream =
+            tokio_stream::StreamExt::map(ReceiverStream::new(rx), |data| Ok(pb::LogChunk { data }));
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

@@ -1,0 +1,119 @@
+//! vmmd: the owner of plugins, VMs and their hypervisors.
+
+mod accel;
+mod driver;
+mod grpc;
+mod logs;
+mod manifest;
+mod peers;
+mod process;
+mod records;
+mod vmm;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use volant_services::api::vmm::v1::vmm_server::VmmServer;
+use volant_services::daemon::{self, Daemon, DaemonArgs, Services};
+use volant_services::dial;
+
+use crate::manifest::Hypervisor;
+
+/// Volant's VM manager: plugins, VMs, their lifecycle and their hypervisors. It asks ipamd for
+/// addresses and netd for TAPs, at unix:<run-dir>/<peer>.sock unless the config says otherwise.
+#[derive(Parser)]
+#[command(name = "vmmd", version)]
+struct Args {
+    #[command(flatten)]
+    daemon: DaemonArgs,
+}
+
+/// `name` found in PATH.
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(name))
+        .find(|p| p.is_file())
+}
+
+fn settings(daemon: &Daemon) -> anyhow::Result<vmm::Settings> {
+    let c = &daemon.config.vmmd;
+    let hypervisor = match c.hypervisor.as_deref() {
+        None | Some("auto") => None,
+        Some("qemu") => Some(Hypervisor::Qemu),
+        Some("cloud-hypervisor") => Some(Hypervisor::CloudHypervisor),
+        Some(other) => anyhow::bail!(
+            "config vmmd.hypervisor: {other:?} is neither qemu, cloud-hypervisor nor auto"
+        ),
+    };
+    let qemu = c
+        .qemu_binary
+        .clone()
+        .or_else(|| which("qemu-system-x86_64"))
+        .unwrap_or_else(|| "qemu-system-x86_64".into());
+    let cloud_hypervisor = c
+        .cloud_hypervisor_binary
+        .clone()
+        .or_else(|| which("cloud-hypervisor"));
+    Ok(vmm::Settings {
+        state_dir: daemon.state_dir.clone(),
+        run_dir: daemon.run_dir.clone(),
+        default_network: daemon.config.networking.bridge.name.clone(),
+        dns: c
+            .dns
+            .clone()
+            .unwrap_or_else(|| vec![[1, 1, 1, 1].into(), [8, 8, 8, 8].into()]),
+        hypervisor,
+        qemu,
+        cloud_hypervisor,
+        stop_timeout: Duration::from_secs(c.stop_timeout_secs.unwrap_or(10)),
+    })
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let daemon = Daemon::start("vmmd", args.daemon)?;
+    let c = &daemon.config.vmmd;
+    let forced = match c.accel.as_deref() {
+        None | Some("auto") => None,
+        Some(a @ ("kvm" | "tcg")) => Some(a.to_string()),
+        Some(other) => anyhow::bail!("config vmmd.accel: {other:?} is neither auto, kvm nor tcg"),
+    };
+    let cache = c
+        .accel_cache
+        .clone()
+        .unwrap_or_else(|| daemon.state_dir.join("accel.json"));
+    let settings = settings(&daemon)?;
+    let peers = peers::Peers::new(dial(&daemon.peer("ipamd"))?, dial(&daemon.peer("netd"))?);
+    let store = records::Store::open(&daemon.state_dir).map_err(anyhow::Error::msg)?;
+    let vmm = Arc::new(
+        vmm::Vmm::open(settings, store, peers, accel::Accel::new(forced, cache))
+            .map_err(anyhow::Error::msg)?,
+    );
+    vmm.reconcile_local().await;
+    let peers_vmm = vmm.clone();
+    tokio::spawn(async move {
+        // The peers may start after vmmd: retry until they answer.
+        let mut wait = Duration::from_millis(200);
+        loop {
+            match peers_vmm.reconcile_peers().await {
+                Ok(()) => return,
+                Err(e) => tracing::warn!("reconciling with ipamd and netd: {}", e.message()),
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(10));
+        }
+    });
+    let (state_dir, run_dir) = (daemon.state_dir.clone(), daemon.run_dir.clone());
+    let paths = Box::new(move |name: &str| records::Paths::of(&state_dir, &run_dir, name));
+    let service = VmmServer::new(grpc::VmmService::new(vmm, paths));
+    daemon.serve(Services::default().with(service)).await
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    daemon::exit("vmmd", run(Args::parse()).await)
+}

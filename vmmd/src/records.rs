@@ -1,0 +1,205 @@
+//! What vmmd remembers, in sled: plugins and VM records, written before every side effect and
+//! made durable (group-committed) before a reply.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::{Hypervisor, Manifest, Mode};
+
+/// A VM's place in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Being built; nothing is acknowledged yet.
+    Creating,
+    /// Its hypervisor runs.
+    Running,
+    /// Its hypervisor has stopped; the VM keeps its address and TAP.
+    Stopped,
+    /// Creating or running it failed; `error` says why.
+    Failed,
+    /// Being torn down.
+    Deleting,
+}
+
+impl Status {
+    /// The name operators see.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Creating => "creating",
+            Status::Running => "running",
+            Status::Stopped => "stopped",
+            Status::Failed => "failed",
+            Status::Deleting => "deleting",
+        }
+    }
+}
+
+/// An installed plugin.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plugin {
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// When it was (last) installed.
+    pub installed_at: SystemTime,
+}
+
+/// Everything about one VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// Its name, a DNS label.
+    pub name: String,
+    /// The plugin it was created from.
+    pub plugin: String,
+    /// The plugin's manifest as it was at creation.
+    pub manifest: Manifest,
+    /// Where it is in its life.
+    pub status: Status,
+    /// What went wrong last; empty when nothing did.
+    pub error: String,
+    /// Its hypervisor.
+    pub hypervisor: Hypervisor,
+    /// `kvm` or `tcg`, once launched.
+    pub accel: String,
+    /// Its networking.
+    pub mode: Mode,
+    /// Its network (bridge mode).
+    pub network: String,
+    /// The address asked for, if any.
+    pub requested_ip: Option<IpAddr>,
+    /// Its address, prefix length and gateway (bridge mode).
+    pub ip: Option<IpAddr>,
+    /// Prefix length of its network.
+    pub prefix_len: u8,
+    /// Its gateway.
+    pub gateway: Option<IpAddr>,
+    /// Its NIC's MAC (bridge mode).
+    pub mac: String,
+    /// Its TAP (bridge mode).
+    pub tap: String,
+    /// vCPUs.
+    pub cpu_cores: u32,
+    /// Memory in MiB.
+    pub memory_mb: u32,
+    /// What the request added to the kernel command line.
+    pub extra_cmdline: String,
+    /// The full kernel command line of the last launch.
+    pub kernel_cmdline: String,
+    /// The hypervisor's process while it runs, and its start time (clock ticks since boot,
+    /// from /proc) to tell it from a later process with the same pid.
+    pub pid: Option<u32>,
+    /// See `pid`.
+    pub pid_start: Option<u64>,
+    /// When it was created.
+    pub created_at: SystemTime,
+    /// When it last changed.
+    pub updated_at: SystemTime,
+}
+
+/// Paths of a VM's files.
+pub struct Paths {
+    /// Its directory in the state directory (serial log, hypervisor log).
+    pub dir: PathBuf,
+    /// The serial console's log.
+    pub serial: PathBuf,
+    /// The hypervisor's own output.
+    pub hypervisor_log: PathBuf,
+    /// The hypervisor's control socket (QMP or Cloud Hypervisor's API).
+    pub api_socket: PathBuf,
+}
+
+impl Paths {
+    /// The paths of VM `name`.
+    pub fn of(state_dir: &Path, run_dir: &Path, name: &str) -> Paths {
+        let dir = state_dir.join("vms").join(name);
+        Paths {
+            serial: dir.join("serial.log"),
+            hypervisor_log: dir.join("hypervisor.log"),
+            api_socket: run_dir.join(format!("vmm-{name}.sock")),
+            dir,
+        }
+    }
+}
+
+/// The sled store of plugins and VMs.
+pub struct Store {
+    db: sled::Db,
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    format!("vmmd store: {e}")
+}
+
+fn json<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("plain data serializes")
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Store, String> {
+        let path = dir.join("vmm.sled");
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(8 << 20)
+            .open()
+            .map_err(|e| format!("opening {}: {e}", path.display()))?;
+        Ok(Store { db })
+    }
+
+    fn scan<T: for<'de> Deserialize<'de>>(&self, prefix: &str) -> Result<Vec<T>, String> {
+        self.db
+            .scan_prefix(prefix)
+            .map(|item| {
+                let (_, v) = item.map_err(err)?;
+                serde_json::from_slice(&v).map_err(err)
+            })
+            .collect()
+    }
+
+    /// Every plugin.
+    pub fn plugins(&self) -> Result<Vec<Plugin>, String> {
+        self.scan("plugin/")
+    }
+
+    /// Every VM.
+    pub fn vms(&self) -> Result<Vec<VmRecord>, String> {
+        self.scan("vm/")
+    }
+
+    /// Writes a plugin; durable after [`Store::flush`].
+    pub fn put_plugin(&self, p: &Plugin) -> Result<(), String> {
+        self.db
+            .insert(format!("plugin/{}", p.manifest.name), json(p))
+            .map(drop)
+            .map_err(err)
+    }
+
+    /// Removes a plugin.
+    pub fn delete_plugin(&self, name: &str) -> Result<(), String> {
+        self.db
+            .remove(format!("plugin/{name}"))
+            .map(drop)
+            .map_err(err)
+    }
+
+    /// Writes a VM record.
+    pub fn put_vm(&self, vm: &VmRecord) -> Result<(), String> {
+        self.db
+            .insert(format!("vm/{}", vm.name), json(vm))
+            .map(drop)
+            .map_err(err)
+    }
+
+    /// Removes a VM record.
+    pub fn delete_vm(&self, name: &str) -> Result<(), String> {
+        self.db.remove(format!("vm/{name}")).map(drop).map_err(err)
+    }
+
+    /// Makes every write durable.
+    pub fn flush(&self) -> Result<(), String> {
+        self.db.flush().map(drop).map_err(err)
+    }
+}

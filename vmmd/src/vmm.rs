@@ -1,0 +1,948 @@
+//! VMs and plugins: the create/delete saga, the lifecycle, and reconciliation.
+//!
+//! Every state change is written to the store before the side effect it announces and made
+//! durable before a reply. Operations on one VM are serialised; different VMs proceed in
+//! parallel. A failed create undoes its steps in reverse (hypervisor, TAP, lease) and leaves the
+//! VM `failed` with the reason; delete is idempotent, and with `force` removes whatever is left
+//! even when a step fails.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use base64::Engine as _;
+use tokio::sync::{broadcast, watch};
+use tonic::{Code, Status};
+use volant_services::api::vmm::v1 as pb;
+use volant_services::durability::Durability;
+use volant_services::validate::dns_label;
+
+use crate::accel::Accel;
+use crate::driver::cloud_hypervisor::CloudHypervisor;
+use crate::driver::qemu::Qemu;
+use crate::driver::{Driver, LaunchSpec, Nic};
+use crate::manifest::{Hypervisor, Manifest, Mode};
+use crate::peers::Peers;
+use crate::process;
+use crate::records::{Paths, Plugin, Status as VmStatus, Store, VmRecord};
+
+/// The kernel's command-line limit on x86 (COMMAND_LINE_SIZE, including the NUL).
+const CMDLINE_MAX: usize = 2048;
+/// How many locks the VMs' operations are spread over.
+const VM_LOCKS: usize = 64;
+/// How long a hypervisor may take to exit after it was told to stop.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+
+/// How vmmd runs VMs.
+pub struct Settings {
+    /// The state directory (store, VM logs).
+    pub state_dir: PathBuf,
+    /// The run directory (control sockets).
+    pub run_dir: PathBuf,
+    /// The network of `bridge` without a name.
+    pub default_network: String,
+    /// Name servers for guests.
+    pub dns: Vec<IpAddr>,
+    /// The configured hypervisor, if any.
+    pub hypervisor: Option<Hypervisor>,
+    /// The QEMU binary.
+    pub qemu: PathBuf,
+    /// The Cloud Hypervisor binary, when installed.
+    pub cloud_hypervisor: Option<PathBuf>,
+    /// How long a guest has to shut down cleanly.
+    pub stop_timeout: Duration,
+}
+
+/// A request to create a VM, as received.
+pub struct CreateRequest {
+    /// Name.
+    pub name: String,
+    /// Plugin.
+    pub plugin: String,
+    /// vCPUs (0: the manifest's).
+    pub cpu_cores: u32,
+    /// MiB (0: the manifest's).
+    pub memory_mb: u32,
+    /// `""`, `bridge`, `bridge=<network>` or `vsock`.
+    pub network: String,
+    /// A fixed address.
+    pub ip: String,
+    /// Extra kernel command line.
+    pub kernel_cmdline: String,
+}
+
+/// The VM manager.
+pub struct Vmm {
+    settings: Settings,
+    store: Arc<Store>,
+    durability: Durability,
+    peers: Peers,
+    accel: Accel,
+    qemu: Qemu,
+    ch: Option<CloudHypervisor>,
+    plugins: Mutex<BTreeMap<String, Plugin>>,
+    vms: Mutex<BTreeMap<String, VmRecord>>,
+    locks: Vec<tokio::sync::Mutex<()>>,
+    /// Per running hypervisor: becomes true when it has exited.
+    exits: Mutex<HashMap<String, watch::Receiver<bool>>>,
+    events: broadcast::Sender<pb::VmEvent>,
+}
+
+fn invalid(m: impl Into<String>) -> Status {
+    Status::invalid_argument(m)
+}
+
+fn store_err(e: String) -> Status {
+    Status::internal(e)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The status as the API spells it.
+pub fn status_pb(s: VmStatus) -> pb::VmStatus {
+    match s {
+        VmStatus::Creating => pb::VmStatus::Creating,
+        VmStatus::Running => pb::VmStatus::Running,
+        VmStatus::Stopped => pb::VmStatus::Stopped,
+        VmStatus::Failed => pb::VmStatus::Failed,
+        VmStatus::Deleting => pb::VmStatus::Deleting,
+    }
+}
+
+/// A VM as the API shows it.
+pub fn vm_pb(r: &VmRecord) -> pb::Vm {
+    pb::Vm {
+        name: r.name.clone(),
+        status: status_pb(r.status).into(),
+        plugin: r.plugin.clone(),
+        hypervisor: r.hypervisor.as_str().into(),
+        network_mode: r.mode.as_str().into(),
+        network: r.network.clone(),
+        ip_address: r.ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        mac_address: r.mac.clone(),
+        tap_device: r.tap.clone(),
+        vsock_cid: 0,
+        vsock_socket: String::new(),
+        pid: r.pid.map(i64::from).unwrap_or_default(),
+        cpu_cores: r.cpu_cores,
+        memory_mb: r.memory_mb,
+        created_at: Some(r.created_at.into()),
+        updated_at: Some(r.updated_at.into()),
+        error: r.error.clone(),
+        kernel_cmdline: r.kernel_cmdline.clone(),
+        accel: r.accel.clone(),
+        prefix_len: r.prefix_len.into(),
+        gateway: r.gateway.map(|g| g.to_string()).unwrap_or_default(),
+    }
+}
+
+/// The workload as kestrel reads it from `volant.workload`.
+fn workload_param(m: &Manifest) -> String {
+    let mut w = serde_json::json!({ "entrypoint": m.workload.entrypoint });
+    if !m.workload.env.is_empty() {
+        w["env"] = serde_json::json!(m.workload.env);
+    }
+    if let Some(dir) = &m.workload.workdir {
+        w["workdir"] = dir.clone().into();
+    }
+    if let Some(port) = m.workload.http_port() {
+        w["http_port"] = port.into();
+    }
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(w.to_string())
+}
+
+fn netmask(prefix: u8) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0))
+}
+
+/// The kernel command line of a VM.
+pub fn cmdline(r: &VmRecord, dns: &[IpAddr]) -> Result<String, String> {
+    let m = &r.manifest;
+    let mut parts: Vec<String> = Vec::new();
+    if !m.boot.cmdline.is_empty() {
+        parts.push(m.boot.cmdline.clone());
+    }
+    parts.push(format!("volant.mode={}", r.mode.as_str()));
+    parts.push(format!("volant.name={}", r.name));
+    if let (Some(ip), Some(gw)) = (r.ip, r.gateway) {
+        parts.push(format!("volant.ip={ip}/{}", r.prefix_len));
+        parts.push(format!("volant.gw={gw}"));
+        parts.push(format!(
+            "ip={ip}::{gw}:{}:{}:eth0:off",
+            netmask(r.prefix_len),
+            r.name
+        ));
+    }
+    if !dns.is_empty() {
+        let list: Vec<String> = dns.iter().map(|d| d.to_string()).collect();
+        parts.push(format!("volant.dns={}", list.join(",")));
+    }
+    if let Some(port) = m.workload.http_port() {
+        parts.push(format!("volant.http_port={port}"));
+    }
+    parts.push(format!("volant.workload={}", workload_param(m)));
+    if !r.extra_cmdline.is_empty() {
+        parts.push(r.extra_cmdline.clone());
+    }
+    let line = parts.join(" ");
+    if line.len() >= CMDLINE_MAX {
+        return Err(format!(
+            "the kernel command line would be {} bytes; the limit is {}: shorten the workload's \
+             entrypoint and env, or bake them into the image as /etc/volant/workload.json",
+            line.len(),
+            CMDLINE_MAX - 1
+        ));
+    }
+    Ok(line)
+}
+
+impl Vmm {
+    /// Loads plugins and VMs. Needs the multi-threaded Tokio runtime.
+    pub fn open(
+        settings: Settings,
+        store: Store,
+        peers: Peers,
+        accel: Accel,
+    ) -> Result<Vmm, String> {
+        let store = Arc::new(store);
+        let plugins = store
+            .plugins()?
+            .into_iter()
+            .map(|p| (p.manifest.name.clone(), p))
+            .collect();
+        let vms = store
+            .vms()?
+            .into_iter()
+            .map(|v| (v.name.clone(), v))
+            .collect();
+        let flushed = store.clone();
+        let (events, _) = broadcast::channel(1024);
+        Ok(Vmm {
+            qemu: Qemu {
+                binary: settings.qemu.clone(),
+            },
+            ch: settings
+                .cloud_hypervisor
+                .clone()
+                .map(|binary| CloudHypervisor { binary }),
+            settings,
+            durability: Durability::new(Box::new(move || flushed.flush())),
+            store,
+            peers,
+            accel,
+            plugins: Mutex::new(plugins),
+            vms: Mutex::new(vms),
+            locks: (0..VM_LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
+            exits: Mutex::new(HashMap::new()),
+            events,
+        })
+    }
+
+    fn vm_lock(&self, name: &str) -> &tokio::sync::Mutex<()> {
+        let h = name
+            .bytes()
+            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b.into()));
+        &self.locks[h % VM_LOCKS]
+    }
+
+    fn driver(&self, h: Hypervisor) -> Result<&dyn Driver, Status> {
+        match h {
+            Hypervisor::Qemu => Ok(&self.qemu),
+            Hypervisor::CloudHypervisor => {
+                self.ch.as_ref().map(|c| c as &dyn Driver).ok_or_else(|| {
+                    Status::failed_precondition(
+                        "cloud-hypervisor is not installed; install it or use the qemu hypervisor",
+                    )
+                })
+            }
+        }
+    }
+
+    fn paths(&self, name: &str) -> Paths {
+        Paths::of(&self.settings.state_dir, &self.settings.run_dir, name)
+    }
+
+    /// New events.
+    pub fn subscribe(&self) -> broadcast::Receiver<pb::VmEvent> {
+        self.events.subscribe()
+    }
+
+    fn emit(&self, name: &str, previous: Option<VmStatus>, now: Option<&VmRecord>, at: SystemTime) {
+        let event = pb::VmEvent {
+            name: name.to_string(),
+            status: now
+                .map(|r| status_pb(r.status))
+                .unwrap_or(pb::VmStatus::Unspecified)
+                .into(),
+            previous: previous
+                .map(status_pb)
+                .unwrap_or(pb::VmStatus::Unspecified)
+                .into(),
+            at: Some(at.into()),
+            error: now.map(|r| r.error.clone()).unwrap_or_default(),
+            vm: now.map(vm_pb),
+            deleted: now.is_none(),
+        };
+        // No subscriber is fine.
+        let _ = self.events.send(event);
+    }
+
+    /// Applies `f` to the stored record of `name` and writes it; returns the record and the
+    /// write's sequence number. Emits an event when the status changed.
+    fn update(&self, name: &str, f: impl FnOnce(&mut VmRecord)) -> Result<(VmRecord, u64), Status> {
+        let mut vms = lock(&self.vms);
+        let current = vms
+            .get(name)
+            .ok_or_else(|| Status::not_found(format!("vm {name:?} does not exist")))?;
+        let mut next = current.clone();
+        f(&mut next);
+        next.updated_at = SystemTime::now();
+        self.store.put_vm(&next).map_err(store_err)?;
+        let seq = self.durability.record();
+        let previous = current.status;
+        vms.insert(name.to_string(), next.clone());
+        drop(vms);
+        if previous != next.status {
+            self.emit(name, Some(previous), Some(&next), next.updated_at);
+        }
+        Ok((next, seq))
+    }
+
+    async fn durable(&self, seq: u64) {
+        self.durability.wait(seq).await;
+    }
+
+    /// One VM.
+    pub fn get(&self, name: &str) -> Result<VmRecord, Status> {
+        dns_label("vm name", name).map_err(invalid)?;
+        lock(&self.vms)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("vm {name:?} does not exist")))
+    }
+
+    /// Every VM, by name.
+    pub fn list(&self) -> Vec<VmRecord> {
+        lock(&self.vms).values().cloned().collect()
+    }
+
+    // Plugins.
+
+    /// Installs (or replaces) a plugin. Returns it and whether it is new.
+    pub async fn install_plugin(&self, json: &str) -> Result<(Plugin, bool), Status> {
+        let manifest = Manifest::parse(json).map_err(invalid)?;
+        let plugin = Plugin {
+            manifest,
+            installed_at: SystemTime::now(),
+        };
+        let (created, seq) = {
+            let mut plugins = lock(&self.plugins);
+            self.store.put_plugin(&plugin).map_err(store_err)?;
+            let seq = self.durability.record();
+            let created = plugins
+                .insert(plugin.manifest.name.clone(), plugin.clone())
+                .is_none();
+            (created, seq)
+        };
+        self.durable(seq).await;
+        Ok((plugin, created))
+    }
+
+    /// One plugin.
+    pub fn plugin(&self, name: &str) -> Result<Plugin, Status> {
+        dns_label("plugin name", name).map_err(invalid)?;
+        lock(&self.plugins).get(name).cloned().ok_or_else(|| {
+            Status::not_found(format!(
+                "plugin {name:?} is not installed; install it with its manifest first"
+            ))
+        })
+    }
+
+    /// Every plugin.
+    pub fn plugins(&self) -> Vec<Plugin> {
+        lock(&self.plugins).values().cloned().collect()
+    }
+
+    /// Removes a plugin no VM was created from; returns whether it was installed.
+    pub async fn remove_plugin(&self, name: &str) -> Result<bool, Status> {
+        dns_label("plugin name", name).map_err(invalid)?;
+        let users: Vec<String> = self
+            .list()
+            .into_iter()
+            .filter(|v| v.plugin == name)
+            .map(|v| v.name)
+            .collect();
+        if !users.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "plugin {name:?} is used by vm(s) {}; delete them first",
+                users.join(", ")
+            )));
+        }
+        let seq = {
+            let mut plugins = lock(&self.plugins);
+            if plugins.remove(name).is_none() {
+                return Ok(false);
+            }
+            self.store.delete_plugin(name).map_err(store_err)?;
+            self.durability.record()
+        };
+        self.durable(seq).await;
+        Ok(true)
+    }
+
+    // VMs.
+
+    /// Creates a VM and starts it; see the module documentation.
+    pub async fn create(self: &Arc<Self>, req: CreateRequest) -> Result<VmRecord, Status> {
+        let started = Instant::now();
+        dns_label("vm name", &req.name).map_err(invalid)?;
+        let plugin = self.plugin(&req.plugin)?;
+        let m = plugin.manifest;
+        let (mode, network) = match req.network.trim() {
+            "" => (m.networking.mode, self.settings.default_network.clone()),
+            "bridge" => (Mode::Bridge, self.settings.default_network.clone()),
+            "vsock" => (Mode::Vsock, String::new()),
+            other => match other.strip_prefix("bridge=") {
+                Some(net) => {
+                    dns_label("network", net).map_err(invalid)?;
+                    (Mode::Bridge, net.to_string())
+                }
+                None => {
+                    return Err(invalid(format!(
+                        "network {other:?}: use bridge, bridge=<network> or vsock"
+                    )));
+                }
+            },
+        };
+        if mode == Mode::Vsock {
+            return Err(Status::failed_precondition(
+                "vsock networking needs proxyd, which this vmmd does not have yet",
+            ));
+        }
+        let requested_ip = match req.ip.trim() {
+            "" => None,
+            ip => Some(
+                ip.parse::<IpAddr>()
+                    .map_err(|_| invalid(format!("ip {ip:?} is not an IP address")))?,
+            ),
+        };
+        let cpu_cores = if req.cpu_cores == 0 {
+            m.resources.cpu_cores
+        } else {
+            req.cpu_cores
+        };
+        let memory_mb = if req.memory_mb == 0 {
+            m.resources.memory_mb
+        } else {
+            req.memory_mb
+        };
+        if !(1..=64).contains(&cpu_cores) {
+            return Err(invalid(format!(
+                "cpu_cores {cpu_cores} is out of range 1–64"
+            )));
+        }
+        if !(64..=65536).contains(&memory_mb) {
+            return Err(invalid(format!(
+                "memory_mb {memory_mb} is out of range 64–65536"
+            )));
+        }
+        if req.kernel_cmdline.len() > 512 {
+            return Err(invalid("kernel_cmdline is longer than 512 bytes"));
+        }
+        if req
+            .kernel_cmdline
+            .split_whitespace()
+            .any(|w| w.starts_with("volant."))
+        {
+            return Err(invalid(
+                "kernel_cmdline: volant.* parameters are set by vmmd",
+            ));
+        }
+        let hypervisor =
+            m.hypervisor
+                .or(self.settings.hypervisor)
+                .unwrap_or(if self.ch.is_some() {
+                    Hypervisor::CloudHypervisor
+                } else {
+                    Hypervisor::Qemu
+                });
+        self.driver(hypervisor)?;
+
+        let _vm = self.vm_lock(&req.name).lock().await;
+        let now = SystemTime::now();
+        let record = VmRecord {
+            name: req.name.clone(),
+            plugin: req.plugin.clone(),
+            manifest: m,
+            status: VmStatus::Creating,
+            error: String::new(),
+            hypervisor,
+            accel: String::new(),
+            mode,
+            network,
+            requested_ip,
+            ip: None,
+            prefix_len: 0,
+            gateway: None,
+            mac: String::new(),
+            tap: String::new(),
+            cpu_cores,
+            memory_mb,
+            extra_cmdline: req.kernel_cmdline.trim().to_string(),
+            kernel_cmdline: String::new(),
+            pid: None,
+            pid_start: None,
+            created_at: now,
+            updated_at: now,
+        };
+        cmdline(&record, &self.settings.dns).map_err(invalid)?;
+        let seq = {
+            let _persist = tracing::info_span!("vm.persist", vm = %req.name).entered();
+            let mut vms = lock(&self.vms);
+            if vms.contains_key(&req.name) {
+                return Err(Status::already_exists(format!(
+                    "vm {:?} already exists; delete it first or choose another name",
+                    req.name
+                )));
+            }
+            self.store.put_vm(&record).map_err(store_err)?;
+            vms.insert(req.name.clone(), record.clone());
+            self.durability.record()
+        };
+        self.durable(seq).await;
+        self.emit(&req.name, None, Some(&record), now);
+
+        match self.bring_up(&req.name).await {
+            Ok(rec) => {
+                tracing::info!(
+                    vm = %rec.name,
+                    ip = ?rec.ip,
+                    pid = ?rec.pid,
+                    elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "vm created"
+                );
+                Ok(rec)
+            }
+            Err(e) => {
+                let why = e.message().to_string();
+                self.tear_down(&req.name, false).await;
+                let (_, seq) = self.update(&req.name, |r| {
+                    r.status = VmStatus::Failed;
+                    r.error = why.clone();
+                })?;
+                self.durable(seq).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes a created or stopped VM to running: address, TAP, hypervisor. On failure the
+    /// caller undoes what was done.
+    async fn bring_up(self: &Arc<Self>, name: &str) -> Result<VmRecord, Status> {
+        let rec = self.get(name)?;
+        if rec.mode == Mode::Bridge {
+            let lease = {
+                let span =
+                    tracing::info_span!("ipamd.allocate", vm = %name, network = %rec.network);
+                let _g = span.enter();
+                self.peers
+                    .allocate(&rec.network, name, rec.requested_ip)
+                    .await
+            }
+            .map_err(|s| match s.code() {
+                Code::NotFound => Status::not_found(format!(
+                    "network {:?} has no address pool: {}",
+                    rec.network,
+                    s.message()
+                )),
+                _ => s,
+            })?;
+            let (tap, mac) = {
+                let span =
+                    tracing::info_span!("netd.create_tap", vm = %name, network = %rec.network);
+                let _g = span.enter();
+                self.peers.create_tap(&rec.network, name).await
+            }?;
+            self.update(name, |r| {
+                r.ip = Some(lease.ip);
+                r.prefix_len = lease.prefix_len;
+                r.gateway = Some(lease.gateway);
+                r.tap = tap;
+                r.mac = mac;
+            })?;
+        }
+        self.launch(name).await
+    }
+
+    /// Starts the hypervisor of a VM whose resources are in place.
+    async fn launch(self: &Arc<Self>, name: &str) -> Result<VmRecord, Status> {
+        let rec = self.get(name)?;
+        let driver = self.driver(rec.hypervisor)?;
+        let line = cmdline(&rec, &self.settings.dns).map_err(invalid)?;
+        let accel = match rec.hypervisor {
+            Hypervisor::Qemu => {
+                self.accel
+                    .choose(
+                        &self.settings.qemu,
+                        &rec.manifest.boot.kernel,
+                        &rec.manifest.boot.initramfs,
+                    )
+                    .await
+            }
+            Hypervisor::CloudHypervisor => "kvm".to_string(),
+        };
+        let paths = self.paths(name);
+        std::fs::create_dir_all(&paths.dir)
+            .map_err(|e| Status::internal(format!("creating {}: {e}", paths.dir.display())))?;
+        let (_, seq) = self.update(name, |r| {
+            r.kernel_cmdline = line.clone();
+            r.accel = accel.clone();
+        })?;
+        self.durable(seq).await;
+        let spec = LaunchSpec {
+            name,
+            kernel: &rec.manifest.boot.kernel,
+            initramfs: &rec.manifest.boot.initramfs,
+            cmdline: &line,
+            cpus: rec.cpu_cores,
+            memory_mb: rec.memory_mb,
+            nic: (rec.mode == Mode::Bridge).then(|| Nic {
+                tap: rec.tap.clone(),
+                mac: rec.mac.clone(),
+            }),
+            paths: &paths,
+            accel: &accel,
+        };
+        let launched = {
+            let span = tracing::info_span!("hypervisor.launch", vm = %name, hypervisor = rec.hypervisor.as_str(), accel = %accel);
+            let _g = span.enter();
+            driver.launch(&spec).await
+        }
+        .map_err(|e| Status::failed_precondition(format!("the VM could not start: {e}")))?;
+        let pid = launched.child.id().unwrap_or_default();
+        let (rec, seq) = self.update(name, |r| {
+            r.status = VmStatus::Running;
+            r.error.clear();
+            r.pid = Some(pid);
+            r.pid_start = process::start_time(pid);
+        })?;
+        self.watch_exit(name, pid, Some(launched.child));
+        self.durable(seq).await;
+        tracing::debug!(vm = %name, spawn_us = launched.spawned_in.as_micros() as u64, "hypervisor spawned");
+        Ok(rec)
+    }
+
+    /// Follows the hypervisor `pid` of VM `name` until it exits; a VM that was running is then
+    /// `stopped` (clean exit: the guest powered off) or `failed`.
+    fn watch_exit(self: &Arc<Self>, name: &str, pid: u32, child: Option<tokio::process::Child>) {
+        let (tx, rx) = watch::channel(false);
+        lock(&self.exits).insert(name.to_string(), rx);
+        let vmm = self.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let outcome = match child {
+                Some(mut child) => match child.wait().await {
+                    Ok(s) if s.success() => None,
+                    Ok(s) => Some(format!("the hypervisor exited: {s}")),
+                    Err(e) => Some(format!("waiting for the hypervisor: {e}")),
+                },
+                None => {
+                    process::exited(pid).await;
+                    None
+                }
+            };
+            let _ = tx.send(true);
+            let result = vmm.update(&name, |r| {
+                if r.status == VmStatus::Running && r.pid == Some(pid) {
+                    r.pid = None;
+                    r.pid_start = None;
+                    match &outcome {
+                        None => r.status = VmStatus::Stopped,
+                        Some(e) => {
+                            r.status = VmStatus::Failed;
+                            r.error = e.clone();
+                        }
+                    }
+                }
+            });
+            if let Ok((_, seq)) = result {
+                vmm.durable(seq).await;
+            }
+        });
+    }
+
+    /// Waits up to `limit` for the hypervisor of `name` to exit; returns whether it did.
+    async fn exited(&self, name: &str, limit: Duration) -> bool {
+        let rx = lock(&self.exits).get(name).cloned();
+        let Some(mut rx) = rx else {
+            return true;
+        };
+        tokio::time::timeout(limit, rx.wait_for(|done| *done))
+            .await
+            .is_ok()
+    }
+
+    /// Stops the hypervisor of `rec`: a clean shutdown request when `graceful`, then the
+    /// hypervisor's own stop, then SIGKILL.
+    async fn stop_hypervisor(&self, rec: &VmRecord, graceful: bool) {
+        let Some(pid) = rec.pid else { return };
+        if !process::alive(pid, rec.pid_start) {
+            return;
+        }
+        let api = self.paths(&rec.name).api_socket;
+        let Ok(driver) = self.driver(rec.hypervisor) else {
+            process::signal(pid, libc::SIGKILL);
+            return;
+        };
+        if graceful {
+            match driver.request_shutdown(&api).await {
+                Ok(()) if self.exited(&rec.name, self.settings.stop_timeout).await => return,
+                Ok(()) => tracing::warn!(vm = %rec.name, "the guest did not shut down in time"),
+                Err(e) => tracing::warn!(vm = %rec.name, "asking the guest to shut down: {e}"),
+            }
+        }
+        if let Err(e) = driver.force_stop(&api).await {
+            tracing::warn!(vm = %rec.name, "stopping the hypervisor: {e}");
+        }
+        if !self.exited(&rec.name, KILL_GRACE).await && process::alive(pid, rec.pid_start) {
+            process::signal(pid, libc::SIGKILL);
+            self.exited(&rec.name, KILL_GRACE).await;
+        }
+    }
+
+    /// Undoes a VM's resources in reverse: hypervisor, port forwards and TAP, lease. Returns the
+    /// first failure; with `keep_going` every step is attempted anyway.
+    async fn tear_down(&self, name: &str, keep_going: bool) -> Option<Status> {
+        let Ok(rec) = self.get(name) else { return None };
+        self.stop_hypervisor(&rec, false).await;
+        // A hypervisor started but not yet recorded (a crash mid-launch) is found by its socket.
+        let api = self.paths(name).api_socket;
+        for pid in process::find_by_arg(&api.display().to_string()) {
+            process::signal(pid, libc::SIGKILL);
+        }
+        let mut first = None;
+        if rec.mode == Mode::Bridge {
+            let steps = [
+                self.peers.remove_forwards(name).await,
+                self.peers.delete_tap(name).await,
+                self.peers.release_vm(name).await,
+            ];
+            for step in steps {
+                if let Err(e) = step {
+                    tracing::warn!(vm = %name, "tearing down: {}", e.message());
+                    first.get_or_insert(e);
+                    if !keep_going {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = self.update(name, |r| {
+            r.pid = None;
+            r.pid_start = None;
+            if first.is_none() {
+                r.ip = None;
+                r.tap.clear();
+                r.mac.clear();
+            }
+        });
+        first
+    }
+
+    /// Deletes a VM; returns whether it existed.
+    pub async fn delete(&self, name: &str, force: bool) -> Result<bool, Status> {
+        dns_label("vm name", name).map_err(invalid)?;
+        let _vm = self.vm_lock(name).lock().await;
+        if !lock(&self.vms).contains_key(name) {
+            return Ok(false);
+        }
+        let (_, seq) = self.update(name, |r| r.status = VmStatus::Deleting)?;
+        self.durable(seq).await;
+        if let Some(e) = self.tear_down(name, force).await
+            && !force
+        {
+            let (_, seq) = self.update(name, |r| r.error = e.message().to_string())?;
+            self.durable(seq).await;
+            return Err(Status::new(
+                e.code(),
+                format!(
+                    "deleting vm {name:?}: {}; retry, or delete with force",
+                    e.message()
+                ),
+            ));
+        }
+        let seq = {
+            let mut vms = lock(&self.vms);
+            self.store.delete_vm(name).map_err(store_err)?;
+            let seq = self.durability.record();
+            let previous = vms.remove(name).map(|r| r.status);
+            drop(vms);
+            self.emit(name, previous, None, SystemTime::now());
+            seq
+        };
+        lock(&self.exits).remove(name);
+        let _ = std::fs::remove_dir_all(self.paths(name).dir);
+        self.durable(seq).await;
+        Ok(true)
+    }
+
+    /// Starts a stopped or failed VM (running is fine too).
+    pub async fn start(self: &Arc<Self>, name: &str) -> Result<VmRecord, Status> {
+        let _vm = self.vm_lock(name).lock().await;
+        let rec = self.get(name)?;
+        match rec.status {
+            VmStatus::Running => return Ok(rec),
+            VmStatus::Stopped | VmStatus::Failed => {}
+            s => {
+                return Err(Status::failed_precondition(format!(
+                    "vm {name:?} is {}; wait until it is running, stopped or failed",
+                    s.as_str()
+                )));
+            }
+        }
+        match self.bring_up(name).await {
+            Ok(rec) => Ok(rec),
+            Err(e) => {
+                let (_, seq) = self.update(name, |r| {
+                    r.status = VmStatus::Failed;
+                    r.error = e.message().to_string();
+                })?;
+                self.durable(seq).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops a running VM cleanly (a stopped one is fine). It keeps its address and TAP.
+    pub async fn stop(&self, name: &str) -> Result<VmRecord, Status> {
+        let _vm = self.vm_lock(name).lock().await;
+        let rec = self.get(name)?;
+        match rec.status {
+            VmStatus::Stopped | VmStatus::Failed => return Ok(rec),
+            VmStatus::Running => {}
+            s => {
+                return Err(Status::failed_precondition(format!(
+                    "vm {name:?} is {}; it cannot be stopped now",
+                    s.as_str()
+                )));
+            }
+        }
+        self.stop_hypervisor(&rec, true).await;
+        let (rec, seq) = self.update(name, |r| {
+            r.status = VmStatus::Stopped;
+            r.pid = None;
+            r.pid_start = None;
+        })?;
+        self.durable(seq).await;
+        Ok(rec)
+    }
+
+    /// Stops and starts a VM.
+    pub async fn restart(self: &Arc<Self>, name: &str) -> Result<VmRecord, Status> {
+        self.stop(name).await?;
+        self.start(name).await
+    }
+
+    /// Brings records and reality together after a start: VMs caught mid-create are undone and
+    /// `failed`, mid-delete are finished, running ones whose hypervisor still runs are re-adopted
+    /// and the others are `stopped`; hypervisors nobody recorded are stopped.
+    pub async fn reconcile_local(self: &Arc<Self>) {
+        for rec in self.list() {
+            match rec.status {
+                VmStatus::Creating => {
+                    tracing::warn!(vm = %rec.name, "vmmd stopped while creating it: undoing");
+                    self.tear_down(&rec.name, true).await;
+                    if let Ok((_, seq)) = self.update(&rec.name, |r| {
+                        r.status = VmStatus::Failed;
+                        r.error = "vmmd stopped while creating this VM".into();
+                    }) {
+                        self.durable(seq).await;
+                    }
+                }
+                VmStatus::Deleting => {
+                    tracing::warn!(vm = %rec.name, "vmmd stopped while deleting it: finishing");
+                    if let Err(e) = self.delete(&rec.name, true).await {
+                        tracing::warn!(vm = %rec.name, "finishing a delete: {}", e.message());
+                    }
+                }
+                VmStatus::Running => self.adopt(&rec).await,
+                VmStatus::Stopped | VmStatus::Failed => {}
+            }
+        }
+        let recorded: Vec<u32> = self
+            .list()
+            .iter()
+            .filter(|r| r.status == VmStatus::Running)
+            .filter_map(|r| r.pid)
+            .collect();
+        let sockets = self.settings.run_dir.join("vmm-").display().to_string();
+        for pid in process::find_by_arg(&sockets) {
+            if !recorded.contains(&pid) {
+                tracing::warn!(pid, "stopping a hypervisor that no VM records");
+                process::signal(pid, libc::SIGKILL);
+            }
+        }
+    }
+
+    async fn adopt(self: &Arc<Self>, rec: &VmRecord) {
+        let api = self.paths(&rec.name).api_socket;
+        let alive = rec
+            .pid
+            .is_some_and(|pid| process::alive(pid, rec.pid_start));
+        let answers = match self.driver(rec.hypervisor) {
+            Ok(d) if alive => d.ping(&api).await.is_ok(),
+            _ => false,
+        };
+        match (rec.pid, answers) {
+            (Some(pid), true) => {
+                tracing::info!(vm = %rec.name, pid, "re-adopted its running hypervisor");
+                self.watch_exit(&rec.name, pid, None);
+            }
+            _ => {
+                tracing::warn!(vm = %rec.name, "its hypervisor exited while vmmd was down");
+                if let Ok((_, seq)) = self.update(&rec.name, |r| {
+                    r.status = VmStatus::Stopped;
+                    r.pid = None;
+                    r.pid_start = None;
+                    r.error = "the hypervisor exited while vmmd was down".into();
+                }) {
+                    self.durable(seq).await;
+                }
+            }
+        }
+    }
+
+    /// Asks the peers to converge and releases what no VM holds: leases of VMs that do not
+    /// exist (or no longer hold that address) and TAPs of VMs that do not exist.
+    pub async fn reconcile_peers(&self) -> Result<(), Status> {
+        let vms: BTreeMap<String, VmRecord> = self
+            .list()
+            .into_iter()
+            .map(|r| (r.name.clone(), r))
+            .collect();
+        for (pool, ip, vm) in self.peers.leases().await? {
+            let held = vms.get(&vm).is_some_and(|r| {
+                r.ip.map(|i| i.to_string()) == Some(ip.clone()) && r.network == pool
+            });
+            if !held && !vms.get(&vm).is_some_and(|r| r.status == VmStatus::Creating) {
+                tracing::warn!(%vm, %ip, %pool, "releasing a lease no VM holds");
+                self.peers.release(&pool, &ip).await?;
+            }
+        }
+        for (tap, vm) in self.peers.taps().await? {
+            if !vms
+                .get(&vm)
+                .is_some_and(|r| r.tap == tap || r.status == VmStatus::Creating)
+            {
+                tracing::warn!(%vm, %tap, "deleting a TAP no VM holds");
+                self.peers.delete_tap(&vm).await?;
+            }
+        }
+        self.peers.reconcile_net().await?;
+        Ok(())
+    }
+}
