@@ -6,6 +6,8 @@
 //! (kernel and initramfs) from `VOLANT_GUEST_DIR`, else `target/guest`: `tests/run` builds both
 //! before running the suite.
 
+pub mod otlp;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -22,7 +24,17 @@ use volant_services::{Addr, Channel, dial};
 pub fn bin_dir() -> PathBuf {
     std::env::var_os("VOLANT_BIN_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"))
+        .unwrap_or_else(|| {
+            // Benchmarks (built without debug assertions) measure release binaries.
+            let profile = if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            };
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target")
+                .join(profile)
+        })
 }
 
 /// The path of binary `name`, which must have been built.
@@ -101,6 +113,7 @@ pub struct Daemon {
     name: String,
     args: Vec<String>,
     netns: Option<String>,
+    env: Vec<(String, String)>,
     child: Option<Child>,
     /// Its state directory.
     pub state_dir: PathBuf,
@@ -123,6 +136,17 @@ impl Daemon {
         root: &Path,
         extra: &[&str],
     ) -> Daemon {
+        Daemon::start_with(netns, name, root, extra, &[]).await
+    }
+
+    /// Like [`Daemon::start_in`], with extra environment variables.
+    pub async fn start_with(
+        netns: Option<&Netns>,
+        name: &str,
+        root: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let state_dir = root.join(name).join("state");
         let run_dir = root.join("run");
         let mut args = vec![
@@ -136,6 +160,10 @@ impl Daemon {
             name: name.to_string(),
             args,
             netns: netns.map(|n| n.name.clone()),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
             log: root.join(format!("{name}.log")),
             state_dir,
@@ -183,6 +211,7 @@ impl Daemon {
         let child = cmd
             .args(&self.args)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().cloned())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -496,8 +525,13 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// Starts the three daemons.
     pub async fn start() -> ControlPlane {
-        let root = tempfile::tempdir().expect("tempdir");
         let (host, up) = host_and_upstream();
+        ControlPlane::start_in(host, up, &[]).await
+    }
+
+    /// Starts the three daemons in `host`, with extra environment variables.
+    pub async fn start_in(host: Netns, up: Netns, env: &[(&str, &str)]) -> ControlPlane {
+        let root = tempfile::tempdir().expect("tempdir");
         let config = root.path().join("volant.yaml");
         std::fs::write(
             &config,
@@ -508,9 +542,9 @@ impl ControlPlane {
         )
         .expect("config");
         let args = ["--config", config.to_str().expect("utf-8 path")];
-        let ipamd = Daemon::start_in(Some(&host), "ipamd", root.path(), &args).await;
-        let netd = Daemon::start_in(Some(&host), "netd", root.path(), &args).await;
-        let vmmd = Daemon::start_in(Some(&host), "vmmd", root.path(), &args).await;
+        let ipamd = Daemon::start_with(Some(&host), "ipamd", root.path(), &args, env).await;
+        let netd = Daemon::start_with(Some(&host), "netd", root.path(), &args, env).await;
+        let vmmd = Daemon::start_with(Some(&host), "vmmd", root.path(), &args, env).await;
         ControlPlane {
             ipamd,
             netd,

@@ -7,6 +7,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 use volant_services::api::vmm::v1 as pb;
 
 use crate::records::{Paths, Plugin};
@@ -86,7 +87,6 @@ impl pb::vmm_server::Vmm for VmmService {
     ) -> Result<Response<pb::CreateVmResponse>, Status> {
         let r = req.into_inner();
         let span = tracing::info_span!("vm.create", vm = %r.name, plugin = %r.plugin);
-        let _g = span.enter();
         let vm = self
             .vmm
             .create(CreateRequest {
@@ -98,6 +98,7 @@ impl pb::vmm_server::Vmm for VmmService {
                 ip: r.ip,
                 kernel_cmdline: r.kernel_cmdline,
             })
+            .instrument(span)
             .await?;
         Ok(Response::new(pb::CreateVmResponse {
             vm: Some(vm_pb(&vm)),

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 use base64::Engine as _;
 use tokio::sync::{broadcast, watch};
 use tonic::{Code, Status};
+use tracing::Instrument;
 use volant_services::api::vmm::v1 as pb;
 use volant_services::durability::Durability;
 use volant_services::validate::dns_label;
@@ -500,20 +501,25 @@ impl Vmm {
             updated_at: now,
         };
         cmdline(&record, &self.settings.dns).map_err(invalid)?;
-        let seq = {
-            let _persist = tracing::info_span!("vm.persist", vm = %req.name).entered();
-            let mut vms = lock(&self.vms);
-            if vms.contains_key(&req.name) {
-                return Err(Status::already_exists(format!(
-                    "vm {:?} already exists; delete it first or choose another name",
-                    req.name
-                )));
-            }
-            self.store.put_vm(&record).map_err(store_err)?;
-            vms.insert(req.name.clone(), record.clone());
-            self.durability.record()
+        let recorded = async {
+            let seq = {
+                let mut vms = lock(&self.vms);
+                if vms.contains_key(&req.name) {
+                    return Err(Status::already_exists(format!(
+                        "vm {:?} already exists; delete it first or choose another name",
+                        req.name
+                    )));
+                }
+                self.store.put_vm(&record).map_err(store_err)?;
+                vms.insert(req.name.clone(), record.clone());
+                self.durability.record()
+            };
+            self.durable(seq).await;
+            Ok(())
         };
-        self.durable(seq).await;
+        recorded
+            .instrument(tracing::info_span!("vm.record", vm = %req.name))
+            .await?;
         self.emit(&req.name, None, Some(&record), now);
 
         match self.bring_up(&req.name).await {
@@ -545,28 +551,28 @@ impl Vmm {
     async fn bring_up(self: &Arc<Self>, name: &str) -> Result<VmRecord, Status> {
         let rec = self.get(name)?;
         if rec.mode == Mode::Bridge {
-            let lease = {
-                let span =
-                    tracing::info_span!("ipamd.allocate", vm = %name, network = %rec.network);
-                let _g = span.enter();
-                self.peers
-                    .allocate(&rec.network, name, rec.requested_ip)
-                    .await
-            }
-            .map_err(|s| match s.code() {
-                Code::NotFound => Status::not_found(format!(
-                    "network {:?} has no address pool: {}",
-                    rec.network,
-                    s.message()
-                )),
-                _ => s,
-            })?;
-            let (tap, mac) = {
-                let span =
-                    tracing::info_span!("netd.create_tap", vm = %name, network = %rec.network);
-                let _g = span.enter();
-                self.peers.create_tap(&rec.network, name).await
-            }?;
+            let lease = self
+                .peers
+                .allocate(&rec.network, name, rec.requested_ip)
+                .instrument(
+                    tracing::info_span!("ipamd.allocate", vm = %name, network = %rec.network),
+                )
+                .await
+                .map_err(|s| match s.code() {
+                    Code::NotFound => Status::not_found(format!(
+                        "network {:?} has no address pool: {}",
+                        rec.network,
+                        s.message()
+                    )),
+                    _ => s,
+                })?;
+            let (tap, mac) = self
+                .peers
+                .create_tap(&rec.network, name)
+                .instrument(
+                    tracing::info_span!("netd.create_tap", vm = %name, network = %rec.network),
+                )
+                .await?;
             self.update(name, |r| {
                 r.ip = Some(lease.ip);
                 r.prefix_len = lease.prefix_len;
@@ -582,6 +588,7 @@ impl Vmm {
     async fn launch(self: &Arc<Self>, name: &str) -> Result<VmRecord, Status> {
         let rec = self.get(name)?;
         let driver = self.driver(rec.hypervisor)?;
+        let prepare = tracing::info_span!("vm.prepare", vm = %name);
         let line = cmdline(&rec, &self.settings.dns).map_err(invalid)?;
         let accel = match rec.hypervisor {
             Hypervisor::Qemu => {
@@ -602,7 +609,7 @@ impl Vmm {
             r.kernel_cmdline = line.clone();
             r.accel = accel.clone();
         })?;
-        self.durable(seq).await;
+        self.durable(seq).instrument(prepare).await;
         let spec = LaunchSpec {
             name,
             kernel: &rec.manifest.boot.kernel,
@@ -617,12 +624,16 @@ impl Vmm {
             paths: &paths,
             accel: &accel,
         };
-        let launched = {
-            let span = tracing::info_span!("hypervisor.launch", vm = %name, hypervisor = rec.hypervisor.as_str(), accel = %accel);
-            let _g = span.enter();
-            driver.launch(&spec).await
-        }
-        .map_err(|e| Status::failed_precondition(format!("the VM could not start: {e}")))?;
+        let launched = driver
+            .launch(&spec)
+            .instrument(tracing::info_span!(
+                "hypervisor.launch",
+                vm = %name,
+                hypervisor = rec.hypervisor.as_str(),
+                accel = %accel
+            ))
+            .await
+            .map_err(|e| Status::failed_precondition(format!("the VM could not start: {e}")))?;
         let pid = launched.child.id().unwrap_or_default();
         let (rec, seq) = self.update(name, |r| {
             r.status = VmStatus::Running;
@@ -631,7 +642,9 @@ impl Vmm {
             r.pid_start = process::start_time(pid);
         })?;
         self.watch_exit(name, pid, Some(launched.child));
-        self.durable(seq).await;
+        self.durable(seq)
+            .instrument(tracing::info_span!("vm.running", vm = %name))
+            .await;
         tracing::debug!(vm = %name, spawn_us = launched.spawned_in.as_micros() as u64, "hypervisor spawned");
         Ok(rec)
     }

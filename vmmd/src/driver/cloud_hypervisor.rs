@@ -12,6 +12,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::UnixStream;
+use tracing::Instrument;
 
 use super::{Driver, LaunchSpec, Launched, clear_socket, spawn, wait_ready};
 
@@ -128,6 +129,7 @@ impl Driver for CloudHypervisor {
             READY_LIMIT,
             || async { api.call(Method::GET, "vmm.ping", None).await.map(drop) },
         )
+        .instrument(tracing::info_span!("hypervisor.ready"))
         .await?;
         if let Err(e) = api.create_and_boot(spec).await {
             let _ = child.start_kill();

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::json;
+use tracing::Instrument;
 
 use super::qmp::Qmp;
 use super::{Driver, LaunchSpec, Launched, clear_socket, spawn, wait_ready};
@@ -86,10 +87,12 @@ impl Driver for Qemu {
             spawn(&self.binary, &args(spec), &spec.paths.hypervisor_log)?
         };
         let api = spec.paths.api_socket.clone();
+        let ready = tracing::info_span!("hypervisor.ready");
         wait_ready(&mut child, &spec.paths.hypervisor_log, READY_LIMIT, || {
             let api = api.clone();
             async move { Qmp::connect(&api).await.map(drop) }
         })
+        .instrument(ready)
         .await?;
         Ok(Launched { child, spawned_in })
     }
