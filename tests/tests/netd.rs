@@ -299,9 +299,8 @@ async fn taps_are_persistent_vnet_hdr_taps_on_the_bridge_and_touch_no_rule() {
             .unwrap();
         assert!(!del.into_inner().deleted, "idempotent");
     }
-    // Deleted TAPs are out of service at once and the devices go in the reaper's next batch,
-    // which a reconciliation runs straight away.
-    assert!(!links(&lab.host).contains("vmtap-web"));
+    // Deleted TAPs leave netd's records at once and the devices go in the reaper's next batch
+    // (within a fraction of a second), which a reconciliation runs straight away.
     assert_eq!(lab.reconcile().await, Vec::<String>::new());
     assert!(!links(&lab.host).iter().any(|l| l.starts_with("vmtap-")));
     assert_eq!(iptables_save(&lab.host), rules, "TAPs touched iptables");
