@@ -28,6 +28,8 @@ pub struct Config {
     pub netd: ServiceConfig,
     /// vmmd's own section.
     pub vmmd: VmmdConfig,
+    /// The gateway's own section.
+    pub gateway: ServiceConfig,
     /// Sections this build does not know; reported as a warning, not an error, so that one file
     /// can serve several versions.
     #[serde(flatten)]
@@ -147,6 +149,7 @@ impl Config {
         match name {
             "ipamd" => Some(self.ipamd.clone()),
             "netd" => Some(self.netd.clone()),
+            "gateway" => Some(self.gateway.clone()),
             "vmmd" => Some(ServiceConfig {
                 state_dir: self.vmmd.state_dir.clone(),
                 listen: self.vmmd.listen.clone(),

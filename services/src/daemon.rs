@@ -2,8 +2,10 @@
 //! with health and reflection on `unix:` or `tcp://`, and a graceful SIGTERM.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -37,7 +39,8 @@ pub struct DaemonArgs {
     /// Directory of the services' sockets [default: /run/volant]
     #[arg(long, value_name = "DIR")]
     pub run_dir: Option<PathBuf>,
-    /// Listen address, unix:PATH or tcp://HOST:PORT [default: unix:<run-dir>/<service>.sock]
+    /// Listen address, unix:PATH or tcp://HOST:PORT [default: unix:<run-dir>/<service>.sock;
+    /// the gateway: tcp://127.0.0.1:8080]
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<Addr>,
 }
@@ -78,7 +81,11 @@ impl Daemon {
         let listen = args
             .listen
             .or(section.listen)
-            .unwrap_or_else(|| Addr::Unix(run_dir.join(format!("{name}.sock"))));
+            .unwrap_or_else(|| match name {
+                // The REST API is for curl; every other service listens on its Unix socket.
+                "gateway" => Addr::Tcp("127.0.0.1:8080".into()),
+                _ => Addr::Unix(run_dir.join(format!("{name}.sock"))),
+            });
         for dir in [&run_dir, &state_dir] {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("creating directory {}", dir.display()))?;
@@ -102,68 +109,48 @@ impl Daemon {
             .unwrap_or_else(|| Addr::Unix(self.run_dir.join(format!("{peer}.sock"))))
     }
 
-    /// Serves `services` plus health and reflection until SIGTERM or SIGINT, then reports
-    /// NOT_SERVING, drains in-flight calls (for at most [`DRAIN_TIMEOUT`]) and returns.
-    pub async fn serve(self, services: Services) -> anyhow::Result<()> {
-        let (reporter, health) = tonic_health::server::health_reporter();
-        for svc in services.names.iter().copied().chain([""]) {
-            reporter
-                .set_service_status(svc, ServingStatus::Serving)
-                .await;
-        }
-        fn reflection() -> tonic_reflection::server::Builder<'static> {
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(crate::api::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        }
-        let routes = services
-            .routes
-            .add_service(health)
-            .add_service(reflection().build_v1()?)
-            .add_service(reflection().build_v1alpha()?);
+    /// Binds the listen address: a Unix socket (mode 0600, a stale one replaced, a live one
+    /// refused) or TCP.
+    pub async fn bind(&self) -> anyhow::Result<Listener> {
+        Ok(match &self.listen {
+            Addr::Unix(path) => Listener::Unix(bind_unix(path)?),
+            Addr::Tcp(hostport) => Listener::Tcp(
+                TcpListener::bind(hostport)
+                    .await
+                    .with_context(|| format!("listening on tcp://{hostport}"))?,
+            ),
+        })
+    }
 
+    /// Runs the server that `serve` makes from the bound listener until SIGTERM or SIGINT;
+    /// then the server's stop future resolves (it stops accepting and drains in-flight
+    /// requests) and the server has [`DRAIN_TIMEOUT`] to finish before the daemon exits anyway.
+    pub async fn run<F, Fut>(self, serve: F) -> anyhow::Result<()>
+    where
+        F: FnOnce(Listener, Stop) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
         let mut terminate = signal(SignalKind::terminate())?;
         let mut interrupt = signal(SignalKind::interrupt())?;
+        let listener = self.bind().await?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let stopped = async {
+        let stop: Stop = Box::pin(async {
             let _ = stop_rx.await;
-        };
-        let mut server = tonic::transport::Server::builder().layer(GrpcTraceLayer(Side::Server));
-        let mut serving = match &self.listen {
-            Addr::Unix(path) => {
-                let listener = bind_unix(path)?;
-                let incoming = UnixListenerStream::new(listener);
-                let router = server.add_routes(routes);
-                tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
-            }
-            Addr::Tcp(hostport) => {
-                let listener = TcpListener::bind(hostport)
-                    .await
-                    .with_context(|| format!("listening on tcp://{hostport}"))?;
-                let incoming = TcpListenerStream::new(listener);
-                let router = server.add_routes(routes);
-                tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
-            }
-        };
+        });
+        let mut serving = tokio::spawn(serve(listener, stop));
         tracing::info!(listen = %self.listen, "{} serving", self.name);
-
         let early = tokio::select! {
             _ = terminate.recv() => None,
             _ = interrupt.recv() => None,
             r = &mut serving => Some(r),
         };
         let result = match early {
-            Some(r) => r.context("server task")?.context("serving"),
+            Some(r) => r.context("server task")?,
             None => {
                 tracing::info!("{} draining", self.name);
-                for svc in services.names.iter().copied().chain([""]) {
-                    reporter
-                        .set_service_status(svc, ServingStatus::NotServing)
-                        .await;
-                }
                 let _ = stop_tx.send(());
                 match tokio::time::timeout(DRAIN_TIMEOUT, serving).await {
-                    Ok(r) => r.context("server task")?.context("serving"),
+                    Ok(r) => r.context("server task")?,
                     Err(_) => {
                         tracing::warn!("drain timed out after {DRAIN_TIMEOUT:?}; exiting");
                         Ok(())
@@ -178,7 +165,67 @@ impl Daemon {
         self.telemetry.shutdown();
         result
     }
+
+    /// Serves `services` plus health and reflection until SIGTERM or SIGINT, then reports
+    /// NOT_SERVING, drains in-flight calls (for at most [`DRAIN_TIMEOUT`]) and returns.
+    pub async fn serve(self, services: Services) -> anyhow::Result<()> {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        let names = services.names.clone();
+        for svc in names.iter().copied().chain([""]) {
+            reporter
+                .set_service_status(svc, ServingStatus::Serving)
+                .await;
+        }
+        fn reflection() -> tonic_reflection::server::Builder<'static> {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(crate::api::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        }
+        let routes = services
+            .routes
+            .add_service(health)
+            .add_service(reflection().build_v1()?)
+            .add_service(reflection().build_v1alpha()?);
+        self.run(move |listener, stop| async move {
+            let stopped = async move {
+                stop.await;
+                for svc in names.iter().copied().chain([""]) {
+                    reporter
+                        .set_service_status(svc, ServingStatus::NotServing)
+                        .await;
+                }
+            };
+            let mut server =
+                tonic::transport::Server::builder().layer(GrpcTraceLayer(Side::Server));
+            let router = server.add_routes(routes);
+            match listener {
+                Listener::Unix(l) => {
+                    router
+                        .serve_with_incoming_shutdown(UnixListenerStream::new(l), stopped)
+                        .await
+                }
+                Listener::Tcp(l) => {
+                    router
+                        .serve_with_incoming_shutdown(TcpListenerStream::new(l), stopped)
+                        .await
+                }
+            }
+            .context("serving")
+        })
+        .await
+    }
 }
+
+/// A bound listen address.
+pub enum Listener {
+    /// A Unix socket.
+    Unix(UnixListener),
+    /// A TCP socket.
+    Tcp(TcpListener),
+}
+
+/// Resolves when the server should stop accepting and drain.
+pub type Stop = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The gRPC services a daemon serves, beside health and reflection.
 #[derive(Default)]

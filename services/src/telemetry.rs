@@ -113,6 +113,18 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
+/// Makes `span` continue the W3C trace context found in `headers` (a request without one starts
+/// a new trace).
+pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
+    let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+    let _ = span.set_parent(parent);
+}
+
+/// Writes the W3C trace context of `span` into `headers`.
+pub fn inject_trace(span: &tracing::Span, headers: &mut http::HeaderMap) {
+    TraceContextPropagator::new().inject_context(&span.context(), &mut HeaderInjector(headers));
+}
+
 /// Which end of a call a [`GrpcTraceLayer`] sits on.
 #[derive(Clone, Copy, Debug)]
 pub enum Side {
@@ -177,16 +189,9 @@ where
             rpc.grpc.status_code = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
         );
-        let propagator = TraceContextPropagator::new();
         match self.side {
-            Side::Client => {
-                propagator.inject_context(&span.context(), &mut HeaderInjector(req.headers_mut()))
-            }
-            Side::Server => {
-                let parent = propagator.extract(&HeaderExtractor(req.headers()));
-                // A request without trace context simply starts a new trace.
-                let _ = span.set_parent(parent);
-            }
+            Side::Client => inject_trace(&span, req.headers_mut()),
+            Side::Server => continue_trace(&span, req.headers()),
         }
         let call = self.inner.call(req);
         let recorder = span.clone();

@@ -6,7 +6,9 @@
 //! (kernel and initramfs) from `VOLANT_GUEST_DIR`, else `target/guest`: `tests/run` builds both
 //! before running the suite.
 
+pub mod contract;
 pub mod otlp;
+pub mod recorder;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -236,13 +238,20 @@ impl Daemon {
                     self.log_text()
                 );
             }
-            let req = HealthCheckRequest {
-                service: String::new(),
-            };
-            if let Ok(reply) = health.check(req).await
-                && reply.into_inner().status == ServingStatus::Serving as i32
-            {
-                return;
+            if self.name == "gateway" {
+                // An HTTP server: ready once it accepts connections.
+                if self.accepts_tcp() {
+                    return;
+                }
+            } else {
+                let req = HealthCheckRequest {
+                    service: String::new(),
+                };
+                if let Ok(reply) = health.check(req).await
+                    && reply.into_inner().status == ServingStatus::Serving as i32
+                {
+                    return;
+                }
             }
             assert!(
                 Instant::now() < deadline,
@@ -251,6 +260,22 @@ impl Daemon {
                 self.log_text()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether its TCP listen address accepts a connection (from inside its namespace).
+    fn accepts_tcp(&self) -> bool {
+        let Addr::Tcp(hostport) = self.addr() else {
+            return false;
+        };
+        let Ok(addr) = hostport.parse::<std::net::SocketAddr>() else {
+            return false;
+        };
+        let connect =
+            move || std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok();
+        match &self.netns {
+            Some(ns) => in_netns(ns, connect),
+            None => connect(),
         }
     }
 
@@ -460,6 +485,20 @@ impl Drop for Netns {
             .args(["netns", "del", &self.name])
             .status();
     }
+}
+
+/// Runs `f` on a thread that has entered the network namespace `name`.
+pub fn in_netns<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{name}");
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&path).expect("open netns");
+        // SAFETY: setns on a valid namespace fd affects only this thread.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("thread in namespace")
 }
 
 /// Runs a shell command; panics with its output when it fails.

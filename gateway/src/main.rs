@@ -1,0 +1,63 @@
+//! gateway: Volant's public REST API, a thin translator to vmmd, ipamd and netd.
+
+mod error;
+mod model;
+mod networks;
+mod peers;
+mod plugins;
+mod router;
+mod system;
+mod vms;
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use tonic_health::pb::health_client::HealthClient;
+use volant_services::api::ipam::v1::ipam_client::IpamClient;
+use volant_services::api::net::v1::net_client::NetClient;
+use volant_services::api::vmm::v1::vmm_client::VmmClient;
+use volant_services::daemon::{self, Daemon, DaemonArgs, Listener};
+use volant_services::dial;
+
+/// Volant's REST API (`/api/v1/…`, `GET /api/v1/openapi.json` describes it). It reaches vmmd,
+/// ipamd and netd at unix:<run-dir>/<service>.sock unless the config says otherwise.
+#[derive(Parser)]
+#[command(name = "gateway", version)]
+struct Args {
+    #[command(flatten)]
+    daemon: DaemonArgs,
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let daemon = Daemon::start("gateway", args.daemon)?;
+    let channels = [
+        ("vmmd", dial(&daemon.peer("vmmd"))?),
+        ("ipamd", dial(&daemon.peer("ipamd"))?),
+        ("netd", dial(&daemon.peer("netd"))?),
+    ];
+    let peers = peers::Peers {
+        vmm: VmmClient::new(channels[0].1.clone()),
+        ipam: IpamClient::new(channels[1].1.clone()),
+        net: NetClient::new(channels[2].1.clone()),
+        health: channels
+            .iter()
+            .map(|(name, ch)| (*name, HealthClient::new(ch.clone())))
+            .collect(),
+    };
+    let app = router::router(peers);
+    daemon
+        .run(move |listener, stop| async move {
+            match listener {
+                Listener::Tcp(l) => axum::serve(l, app).with_graceful_shutdown(stop).await,
+                Listener::Unix(l) => axum::serve(l, app).with_graceful_shutdown(stop).await,
+            }
+            .context("serving HTTP")
+        })
+        .await
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    daemon::exit("gateway", run(Args::parse()).await)
+}

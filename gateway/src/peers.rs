@@ -1,0 +1,52 @@
+//! The services behind the gateway, each call with a deadline so a service that is down or
+//! stuck answers 503 instead of hanging the request.
+
+use std::time::Duration;
+
+use tonic::Request;
+use tonic_health::pb::health_client::HealthClient;
+use volant_services::Channel;
+use volant_services::api::ipam::v1::ipam_client::IpamClient;
+use volant_services::api::net::v1::net_client::NetClient;
+use volant_services::api::vmm::v1::vmm_client::VmmClient;
+
+/// Deadline of reads.
+pub const READ: Duration = Duration::from_secs(5);
+/// Deadline of ordinary changes.
+pub const WRITE: Duration = Duration::from_secs(30);
+/// Deadline of creating, deleting, stopping and restarting a VM, which wait for hypervisors.
+pub const LIFECYCLE: Duration = Duration::from_secs(120);
+
+/// Clients of vmmd, ipamd and netd.
+#[derive(Clone)]
+pub struct Peers {
+    /// vmmd.
+    pub vmm: VmmClient<Channel>,
+    /// ipamd.
+    pub ipam: IpamClient<Channel>,
+    /// netd.
+    pub net: NetClient<Channel>,
+    /// Each service's health, by name.
+    pub health: Vec<(&'static str, HealthClient<Channel>)>,
+}
+
+/// A request with a deadline.
+pub fn req<T>(msg: T, deadline: Duration) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.set_timeout(deadline);
+    r
+}
+
+/// Opens a stream: the deadline covers the answer's start only, since a followed stream may run
+/// for ever.
+pub async fn open_stream<T, F>(opening: F) -> Result<T, tonic::Status>
+where
+    F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    match tokio::time::timeout(READ, opening).await {
+        Ok(r) => r.map(tonic::Response::into_inner),
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+            "no answer within {READ:?}"
+        ))),
+    }
+}

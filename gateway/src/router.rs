@@ -1,0 +1,125 @@
+//! The routes, the OpenAPI document generated from the handlers, request tracing, limits, and
+//! JSON answers for unknown paths and methods.
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tracing::Instrument;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::error::ApiError;
+use crate::peers::Peers;
+use crate::{networks, plugins, system, vms};
+
+/// The largest request body accepted.
+pub const BODY_LIMIT: usize = 1 << 20;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Volant",
+        description = "Run microVMs on a Linux host and network them: bridge mode (a TAP on a \
+                       bridge, NAT to the outside) or vsock mode (no network device; an ingress \
+                       and an egress proxy). Errors are `{\"error\", \"details\"}`."
+    ),
+    tags(
+        (name = "vms", description = "VMs and their lifecycle"),
+        (name = "ports", description = "port forwards to VMs"),
+        (name = "networks", description = "bridges, address pools and leases"),
+        (name = "plugins", description = "VM templates"),
+        (name = "system", description = "health and events"),
+    )
+)]
+struct Doc;
+
+/// Wraps every routed request in a span named for the route (`GET /api/v1/vms/{name}`) that
+/// continues the caller's W3C trace, and records the status.
+async fn trace(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    let span = tracing::info_span!(
+        "http",
+        otel.name = %format!("{} {route}", req.method()),
+        otel.kind = "server",
+        http.request.method = %req.method(),
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    volant_services::telemetry::continue_trace(&span, req.headers());
+    let res = next.run(req).instrument(span.clone()).await;
+    span.record("http.response.status_code", res.status().as_u16());
+    if res.status().is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+    res
+}
+
+async fn unknown_path(req: Request) -> ApiError {
+    ApiError::not_found(format!(
+        "no such endpoint: {} {}; GET /api/v1/openapi.json lists them",
+        req.method(),
+        req.uri().path()
+    ))
+}
+
+async fn method_not_allowed(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let res = next.run(req).await;
+    if res.status() == StatusCode::METHOD_NOT_ALLOWED {
+        return ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "METHOD_NOT_ALLOWED",
+            format!(
+                "{method} is not allowed on {path}; GET /api/v1/openapi.json lists the methods"
+            ),
+        )
+        .into_response();
+    }
+    res
+}
+
+/// The gateway's router over `peers`.
+pub fn router(peers: Peers) -> Router {
+    let (routes, api) = OpenApiRouter::with_openapi(Doc::openapi())
+        .routes(routes!(system::health))
+        .routes(routes!(system::events))
+        .routes(routes!(vms::list, vms::create))
+        .routes(routes!(vms::get, vms::delete))
+        .routes(routes!(vms::start))
+        .routes(routes!(vms::stop))
+        .routes(routes!(vms::restart))
+        .routes(routes!(vms::logs))
+        .routes(routes!(vms::ports, vms::add_port))
+        .routes(routes!(vms::remove_port))
+        .routes(routes!(networks::list, networks::create))
+        .routes(routes!(networks::get, networks::delete))
+        .routes(routes!(networks::leases))
+        .routes(routes!(plugins::list, plugins::install))
+        .routes(routes!(plugins::get, plugins::remove))
+        .split_for_parts();
+    let doc = api.to_json().expect("the OpenAPI document serializes");
+    routes
+        .route(
+            "/api/v1/openapi.json",
+            axum::routing::get(move || async move {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    doc,
+                )
+            }),
+        )
+        .route_layer(axum::middleware::from_fn(trace))
+        .fallback(unknown_path)
+        .layer(axum::middleware::from_fn(method_not_allowed))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(peers)
+}

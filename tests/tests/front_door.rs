@@ -1,0 +1,567 @@
+//! Volant through the front door: the real daemons and the gateway in a fresh namespace, driven
+//! only with volar and curl. Every answer passes through a recording proxy and is checked against
+//! the OpenAPI document the gateway serves.
+
+use std::process::Command;
+
+use serde_json::Value;
+use volant_tests::recorder::Recorder;
+use volant_tests::{ControlPlane, Daemon, bin, contract, hello_manifest};
+
+struct FrontDoor {
+    proxy: Recorder,
+    gateway: Daemon,
+    cp: ControlPlane,
+}
+
+async fn front_door() -> FrontDoor {
+    let cp = ControlPlane::start().await;
+    let config = cp.root.path().join("volant.yaml");
+    let gateway = Daemon::start_in(
+        Some(&cp.host),
+        "gateway",
+        cp.root.path(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "tcp://127.0.0.1:8080",
+        ],
+    )
+    .await;
+    let proxy = Recorder::start(&cp.host, "127.0.0.1:8080");
+    FrontDoor { proxy, gateway, cp }
+}
+
+struct Run {
+    ok: bool,
+    out: String,
+    err: String,
+}
+
+impl FrontDoor {
+    /// Runs volar against the gateway (through the proxy), inside the host namespace.
+    fn volar(&self, args: &[&str]) -> Run {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.cp.host.name])
+            .arg(bin("volar"))
+            .args(["--api", &format!("http://{}", self.proxy.addr)])
+            .args(args)
+            .output()
+            .expect("volar");
+        Run {
+            ok: out.status.success(),
+            out: String::from_utf8_lossy(&out.stdout).to_string(),
+            err: String::from_utf8_lossy(&out.stderr).to_string(),
+        }
+    }
+
+    /// curl against the gateway (through the proxy): status and body.
+    fn curl(&self, method: &str, path: &str, body: Option<&str>, json: bool) -> (u16, String) {
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            &self.cp.host.name,
+            "curl",
+            "-sS",
+            "-X",
+            method,
+        ])
+        .args(["-o", "-", "-w", "\n%{http_code}"]);
+        if json {
+            cmd.args(["-H", "Content-Type: application/json"]);
+        }
+        if body.is_some() {
+            cmd.args(["--data-binary", "@-"])
+                .stdin(std::process::Stdio::piped());
+        }
+        cmd.arg(format!("http://{}/api/v1{path}", self.proxy.addr));
+        cmd.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("curl");
+        if let Some(b) = body {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(b.as_bytes()).unwrap();
+        }
+        let out = child.wait_with_output().expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+
+    /// Every recorded answer against the served OpenAPI document; no 5xx but `allowed`.
+    fn check_contract(&self, allowed_5xx: usize) {
+        let (code, doc) = self.curl("GET", "/openapi.json", None, false);
+        assert_eq!(code, 200);
+        let doc: Value = serde_json::from_str(&doc).unwrap();
+        let exchanges = self.proxy.exchanges();
+        assert!(
+            exchanges.len() > 20,
+            "only {} answers recorded",
+            exchanges.len()
+        );
+        let failures: Vec<String> = exchanges
+            .iter()
+            .filter(|x| x.path != "/api/v1/openapi.json")
+            .filter_map(|x| contract::check(&doc, x).err())
+            .collect();
+        assert!(
+            failures.is_empty(),
+            "answers off the contract:\n{}",
+            failures.join("\n")
+        );
+        let server_errors = exchanges.iter().filter(|x| x.status >= 500).count();
+        assert_eq!(server_errors, allowed_5xx, "unexpected 5xx answers");
+    }
+}
+
+fn manifest_file(fd: &FrontDoor) -> String {
+    let path = fd.cp.root.path().join("hello.json");
+    std::fs::write(&path, hello_manifest()).unwrap();
+    path.display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_through_volar_and_curl() {
+    let fd = front_door().await;
+    let (code, health) = fd.curl("GET", "/health", None, false);
+    assert_eq!(code, 200, "{health}");
+    assert!(health.contains(r#""status":"ok""#), "{health}");
+
+    let r = fd.volar(&["setup"]);
+    assert!(r.ok, "{}", r.err);
+    assert!(
+        r.out.contains("volant0") && r.out.contains("192.168.127.0/24"),
+        "{}",
+        r.out
+    );
+
+    let r = fd.volar(&["plugins", "install", "--manifest", &manifest_file(&fd)]);
+    assert!(r.ok, "{}", r.err);
+    let r = fd.volar(&["plugins", "list"]);
+    assert!(
+        r.out.contains("hello") && r.out.contains("1.0.0"),
+        "{}",
+        r.out
+    );
+
+    // Create waits until the guest reports ready.
+    let r = fd.volar(&["vms", "create", "web", "--plugin", "hello"]);
+    assert!(r.ok, "{}", r.err);
+    assert!(
+        r.out.contains("running") && r.out.contains("192.168.127.100"),
+        "{}",
+        r.out
+    );
+    let r = fd.volar(&["vms", "list"]);
+    assert!(
+        r.out.lines().next().unwrap().starts_with("NAME"),
+        "{}",
+        r.out
+    );
+    assert!(
+        r.out.contains("web") && r.out.contains("running"),
+        "{}",
+        r.out
+    );
+    let r = fd.volar(&["-o", "json", "vms", "get", "web"]);
+    let vm: Value = serde_json::from_str(&r.out).unwrap();
+    assert_eq!(
+        (vm["status"].as_str(), vm["ip_address"].as_str()),
+        (Some("running"), Some("192.168.127.100"))
+    );
+
+    // curl the VM itself, and read its console.
+    let (_, page) = fd.cp.host.http_get("192.168.127.100:80", "/").unwrap();
+    assert!(page.contains("Hello from Volant"), "{page}");
+    let r = fd.volar(&["vms", "logs", "web"]);
+    assert!(
+        r.out.contains("kestrel: ready ip=192.168.127.100/24"),
+        "{}",
+        r.out
+    );
+
+    // A port forward, reached from the upstream namespace.
+    let r = fd.volar(&[
+        "ports",
+        "add",
+        "web",
+        "--host-port",
+        "8080",
+        "--guest-port",
+        "80",
+    ]);
+    assert!(r.ok, "{}", r.err);
+    let (code, who) = fd
+        .cp
+        .up
+        .http_get("10.99.0.1:8080", "/cgi-bin/whoami")
+        .unwrap();
+    assert_eq!((code, who.trim()), (200, "web"));
+    let r = fd.volar(&["ports", "list", "web"]);
+    assert!(r.out.contains("8080") && r.out.contains("tcp"), "{}", r.out);
+    let r = fd.volar(&[
+        "ports",
+        "add",
+        "web",
+        "--host-port",
+        "8080",
+        "--guest-port",
+        "81",
+    ]);
+    assert!(!r.ok && r.err.contains("already forwards"), "{}", r.err);
+
+    // The lease table as the guide shows it.
+    let r = fd.volar(&["debug", "ipam"]);
+    let mut lines = r.out.lines();
+    assert_eq!(
+        lines.next().unwrap().split_whitespace().collect::<Vec<_>>(),
+        ["IP", "VM", "LEASED_AT"]
+    );
+    assert!(
+        lines.next().unwrap().starts_with("192.168.127.100  web"),
+        "{}",
+        r.out
+    );
+    let (code, leases) = fd.curl("GET", "/ipam/leases?network=volant0", None, false);
+    assert_eq!(code, 200);
+    assert!(leases.contains(r#""vm":"web""#), "{leases}");
+
+    // Errors are on stderr with the API's message and a non-zero exit.
+    let r = fd.volar(&["vms", "get", "nope"]);
+    assert!(
+        !r.ok && r.err.starts_with("volar: error:") && r.err.contains("does not exist"),
+        "{}",
+        r.err
+    );
+
+    // Events arrive as server-sent events while the VM goes.
+    let mut events = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &fd.cp.host.name,
+            "curl",
+            "-sN",
+            "--max-time",
+            "30",
+        ])
+        .arg(format!("http://{}/api/v1/events", fd.proxy.addr))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let r = fd.volar(&["vms", "delete", "web"]);
+    assert!(r.ok, "{}", r.err);
+    let r = fd.volar(&["vms", "delete", "web"]);
+    assert!(r.ok, "deleting twice is fine: {}", r.err);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let _ = events.kill();
+    let seen = String::from_utf8_lossy(&events.wait_with_output().unwrap().stdout).to_string();
+    assert!(
+        seen.contains("event: vm") && seen.contains(r#""status":"deleted""#),
+        "{seen}"
+    );
+
+    let r = fd.volar(&["vms", "list"]);
+    assert_eq!(
+        r.out.trim(),
+        "NAME  STATUS  PLUGIN  NETWORK  IP  HYPERVISOR  PID"
+    );
+    let (_, leases) = fd.curl("GET", "/ipam/leases", None, false);
+    assert_eq!(leases.trim(), "[]");
+    let r = fd.volar(&["completions", "bash"]);
+    assert!(r.ok && r.out.contains("_volar"), "completions");
+    let r = fd.volar(&["man"]);
+    assert!(r.ok && r.out.contains(".TH volar"), "man page");
+    fd.check_contract(0);
+    drop(fd.gateway);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_400_that_names_the_problem_at_every_endpoint() {
+    let mut fd = front_door().await;
+    let (code, body) = fd.curl("POST", "/plugins", Some(&hello_manifest()), true);
+    assert_eq!(code, 201, "{body}");
+    let long = "a".repeat(64);
+    let big = format!(r#"{{"name":"{}"}}"#, "x".repeat(2 << 20));
+    let bad_manifest = hello_manifest().replace("\"cmdline\"", "\"colour\": 1, \"cmdline\"");
+    let cases: Vec<(&str, String, Option<String>, u16, &str)> = vec![
+        (
+            "POST",
+            "/vms".into(),
+            Some(r#"{"name":"#.into()),
+            400,
+            "malformed JSON",
+        ),
+        (
+            "POST",
+            "/vms".into(),
+            Some(r#"{"name":"a","plugin":"hello","colour":1}"#.into()),
+            400,
+            "unknown field `colour`",
+        ),
+        (
+            "POST",
+            "/vms".into(),
+            Some(r#"{"name":5,"plugin":"hello"}"#.into()),
+            400,
+            "name: invalid type: integer",
+        ),
+        (
+            "POST",
+            "/vms".into(),
+            Some(r#"{"name":"a"}"#.into()),
+            400,
+            "missing field `plugin`",
+        ),
+        (
+            "POST",
+            "/vms".into(),
+            Some(format!(r#"{{"name":"{long}","plugin":"hello"}}"#)),
+            400,
+            "at most 63",
+        ),
+        (
+            "POST",
+            "/vms".into(),
+            Some(r#"{"name":"Bad_Name","plugin":"hello"}"#.into()),
+            400,
+            "lower-case",
+        ),
+        (
+            "POST",
+            "/vms".into(),
+            Some(r#"{"name":"a","plugin":"nope"}"#.into()),
+            404,
+            "not installed",
+        ),
+        (
+            "POST",
+            "/vms".into(),
+            Some(r#"{"name":"a","plugin":"hello","network":"tap"}"#.into()),
+            400,
+            "bridge=<network>",
+        ),
+        (
+            "POST",
+            "/vms".into(),
+            Some(r#"{"name":"a","plugin":"hello","ip":"x"}"#.into()),
+            400,
+            "not an IP address",
+        ),
+        (
+            "POST",
+            "/vms".into(),
+            Some(r#"{"name":"a","plugin":"hello","cpu_cores":100}"#.into()),
+            400,
+            "cpu_cores 100",
+        ),
+        (
+            "POST",
+            "/vms".into(),
+            Some(r#"{"name":"a","plugin":"hello","memory_mb":16}"#.into()),
+            400,
+            "memory_mb 16",
+        ),
+        (
+            "POST",
+            "/vms".into(),
+            Some(r#"{"name":"a","plugin":"hello","kernel_cmdline":"volant.ip=1"}"#.into()),
+            400,
+            "set by vmmd",
+        ),
+        ("POST", "/vms".into(), Some(big), 400, "larger than"),
+        ("GET", "/vms/Bad_Name".into(), None, 400, "lower-case"),
+        ("GET", "/vms/nope".into(), None, 404, "does not exist"),
+        (
+            "DELETE",
+            "/vms/nope?force=maybe".into(),
+            None,
+            400,
+            "invalid query string",
+        ),
+        (
+            "DELETE",
+            "/vms/nope?colour=red".into(),
+            None,
+            400,
+            "unknown field `colour`",
+        ),
+        (
+            "POST",
+            "/vms/nope/start".into(),
+            None,
+            404,
+            "does not exist",
+        ),
+        ("POST", "/vms/nope/stop".into(), None, 404, "does not exist"),
+        (
+            "POST",
+            "/vms/nope/restart".into(),
+            None,
+            404,
+            "does not exist",
+        ),
+        ("GET", "/vms/nope/logs".into(), None, 404, "does not exist"),
+        ("GET", "/vms/nope/ports".into(), None, 404, "does not exist"),
+        (
+            "POST",
+            "/vms/nope/ports".into(),
+            Some(r#"{"host_port":8080,"guest_port":80}"#.into()),
+            404,
+            "does not exist",
+        ),
+        (
+            "POST",
+            "/vms/nope/ports".into(),
+            Some(r#"{"host_port":"x"}"#.into()),
+            400,
+            "host_port: invalid type",
+        ),
+        (
+            "DELETE",
+            "/vms/nope/ports/abc".into(),
+            None,
+            400,
+            "invalid path",
+        ),
+        (
+            "DELETE",
+            "/vms/nope/ports/80".into(),
+            None,
+            404,
+            "no port forward",
+        ),
+        (
+            "POST",
+            "/networks".into(),
+            Some(r#"{"name":"x1","subnet":"bad"}"#.into()),
+            400,
+            "CIDR",
+        ),
+        (
+            "POST",
+            "/networks".into(),
+            Some(r#"{"name":"Bad!","subnet":"10.7.0.0/24"}"#.into()),
+            400,
+            "pool name",
+        ),
+        (
+            "POST",
+            "/networks".into(),
+            Some(r#"{"name":"x1","subnet":"192.168.0.0/16"}"#.into()),
+            400,
+            "overlaps",
+        ),
+        (
+            "POST",
+            "/networks".into(),
+            Some(r#"{"name":"volant0","subnet":"10.7.0.0/24"}"#.into()),
+            409,
+            "already exists",
+        ),
+        (
+            "POST",
+            "/networks".into(),
+            Some(r#"{"name":"x1","subnet":"10.7.0.0/24","ip_range":{"start":"10.7.0.9"}}"#.into()),
+            400,
+            "missing field `end`",
+        ),
+        (
+            "POST",
+            "/networks".into(),
+            Some(r#"{"name":"x1","subnet":"10.7.0.0/24","nat":"yes"}"#.into()),
+            400,
+            "nat: invalid type",
+        ),
+        ("GET", "/networks/nope".into(), None, 404, "does not exist"),
+        (
+            "DELETE",
+            "/networks/volant0".into(),
+            None,
+            412,
+            "config file",
+        ),
+        ("DELETE", "/networks/Bad!".into(), None, 400, "network name"),
+        (
+            "GET",
+            "/ipam/leases?network=nope".into(),
+            None,
+            404,
+            "does not exist",
+        ),
+        ("GET", "/ipam/leases?network=Bad!".into(), None, 400, "pool"),
+        (
+            "POST",
+            "/plugins".into(),
+            Some("[]".into()),
+            400,
+            "expected a JSON object",
+        ),
+        (
+            "POST",
+            "/plugins".into(),
+            Some(bad_manifest),
+            400,
+            "boot.colour: unknown field",
+        ),
+        ("GET", "/plugins/nope".into(), None, 404, "not installed"),
+        ("DELETE", "/plugins/Bad_".into(), None, 400, "plugin name"),
+        ("GET", "/nope".into(), None, 404, "no such endpoint"),
+        ("PUT", "/vms".into(), None, 405, "not allowed"),
+    ];
+    let before = fd.curl("GET", "/networks", None, false).1;
+    for (method, path, body, status, why) in &cases {
+        let (code, answer) = fd.curl(method, path, body.as_deref(), true);
+        assert_eq!(code, *status, "{method} {path}: {answer}");
+        let v: Value =
+            serde_json::from_str(&answer).unwrap_or_else(|_| panic!("{method} {path}: {answer}"));
+        let error = v["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains(why),
+            "{method} {path}: {error:?} lacks {why:?}"
+        );
+        assert!(
+            v["details"]["code"].is_string(),
+            "{method} {path}: {answer}"
+        );
+    }
+    let (code, answer) = fd.curl(
+        "POST",
+        "/vms",
+        Some(r#"{"name":"a","plugin":"hello"}"#),
+        false,
+    );
+    assert_eq!(code, 400, "no content type: {answer}");
+    assert!(
+        answer.contains("Content-Type: application/json"),
+        "{answer}"
+    );
+    assert_eq!(
+        fd.curl("GET", "/networks", None, false).1,
+        before,
+        "bad input changed nothing"
+    );
+    assert_eq!(fd.curl("GET", "/vms", None, false).1.trim(), "[]");
+
+    // A service that is down: 503 naming it, quickly, not a hang.
+    fd.cp.ipamd.kill9();
+    let started = std::time::Instant::now();
+    let (code, answer) = fd.curl("GET", "/ipam/leases", None, false);
+    assert_eq!(code, 503, "{answer}");
+    assert!(answer.contains("ipamd did not answer"), "{answer}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    let (code, health) = fd.curl("GET", "/health", None, false);
+    assert_eq!(code, 503);
+    assert!(
+        health.contains(r#""status":"degraded""#) && health.contains(r#""vmmd":"ok""#),
+        "{health}"
+    );
+    fd.check_contract(2);
+}
