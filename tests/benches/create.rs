@@ -44,7 +44,7 @@ async fn run() {
         ("OTEL_BSP_SCHEDULE_DELAY", "100"),
         ("RUST_LOG", "warn"),
     ];
-    let cp = ControlPlane::start_in(host, up, &env).await;
+    let cp = ControlPlane::start_in(host, up, &env, "").await;
     let mut vmm = cp.vmm();
     vmm.install_plugin(InstallPluginRequest {
         manifest_json: hello_manifest(),

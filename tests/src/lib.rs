@@ -565,18 +565,29 @@ impl ControlPlane {
     /// Starts the three daemons.
     pub async fn start() -> ControlPlane {
         let (host, up) = host_and_upstream();
-        ControlPlane::start_in(host, up, &[]).await
+        ControlPlane::start_in(host, up, &[], "").await
     }
 
-    /// Starts the three daemons in `host`, with extra environment variables.
-    pub async fn start_in(host: Netns, up: Netns, env: &[(&str, &str)]) -> ControlPlane {
+    /// Starts the three daemons in `host`, with extra environment variables and extra lines for
+    /// vmmd's config section (two-space indented YAML).
+    pub async fn start_in(
+        host: Netns,
+        up: Netns,
+        env: &[(&str, &str)],
+        vmmd: &str,
+    ) -> ControlPlane {
         let root = tempfile::tempdir().expect("tempdir");
         let config = root.path().join("volant.yaml");
         std::fs::write(
             &config,
             format!(
-                "vmmd:\n  accel_cache: {}\n  dns: [10.99.0.2]\n  stop_timeout_secs: 5\n",
-                guest_dir().join("accel.json").display()
+                "vmmd:\n  accel_cache: {}\n  dns: [10.99.0.2]\n{}\n",
+                guest_dir().join("accel.json").display(),
+                if vmmd.is_empty() {
+                    "  stop_timeout_secs: 5"
+                } else {
+                    vmmd
+                }
             ),
         )
         .expect("config");
