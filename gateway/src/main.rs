@@ -11,6 +11,11 @@ mod vms;
 
 use std::process::ExitCode;
 
+/// Many small, short-lived allocations per request (decoded messages, JSON): mimalloc serves
+/// them without the lock contention of the system allocator.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::Context as _;
 use clap::Parser;
 use tonic_health::pb::health_client::HealthClient;

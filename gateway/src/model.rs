@@ -7,12 +7,20 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use volant_services::api::{ipam::v1 as ipam, net::v1 as net, vmm::v1 as vmm};
 
-/// RFC 3339, UTC.
-pub fn time(t: Option<prost_types::Timestamp>) -> Option<String> {
+/// A point in time, written as RFC 3339 (UTC, milliseconds) straight into the JSON.
+pub struct Time(std::time::SystemTime);
+
+impl Serialize for Time {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_rfc3339_millis(self.0))
+    }
+}
+
+/// A service's timestamp, if it has one at or after 1970.
+pub fn time(t: Option<prost_types::Timestamp>) -> Option<Time> {
     let t = t?;
-    let st = std::time::UNIX_EPOCH
-        + std::time::Duration::new(u64::try_from(t.seconds).ok()?, u32::try_from(t.nanos).ok()?);
-    Some(humantime::format_rfc3339_millis(st).to_string())
+    let d = std::time::Duration::new(u64::try_from(t.seconds).ok()?, u32::try_from(t.nanos).ok()?);
+    Some(Time(std::time::UNIX_EPOCH + d))
 }
 
 fn some(s: String) -> Option<String> {
@@ -51,9 +59,11 @@ pub struct Vm {
     /// Memory in MiB.
     pub memory_mb: u32,
     /// RFC 3339.
-    pub created_at: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub created_at: Option<Time>,
     /// RFC 3339.
-    pub updated_at: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub updated_at: Option<Time>,
     /// Why it failed, or what went wrong last.
     pub error: Option<String>,
 }
@@ -233,7 +243,8 @@ pub struct Lease {
     /// Its network.
     pub network: String,
     /// RFC 3339.
-    pub leased_at: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub leased_at: Option<Time>,
 }
 
 impl From<ipam::Lease> for Lease {
@@ -296,7 +307,8 @@ pub struct Plugin {
     /// `bridge` or `vsock`.
     pub network_mode: String,
     /// RFC 3339.
-    pub installed_at: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub installed_at: Option<Time>,
     /// The manifest.
     #[schema(value_type = Object)]
     pub manifest: serde_json::Value,
@@ -333,7 +345,8 @@ pub struct Event {
     /// Its status before.
     pub previous: String,
     /// RFC 3339.
-    pub at: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub at: Option<Time>,
     /// What went wrong, if anything.
     pub error: Option<String>,
     /// The VM now (absent once deleted).
@@ -353,6 +366,30 @@ impl From<vmm::VmEvent> for Event {
             at: time(e.at),
             error: some(e.error),
             vm: e.vm.map(Vm::from),
+        }
+    }
+}
+
+/// A JSON array answer, written into one buffer sized for it up front (a VM is about 500 bytes of
+/// JSON), so that long lists are not copied over and over while they grow.
+pub struct List<T>(pub Vec<T>);
+
+impl<T: Serialize> axum::response::IntoResponse for List<T> {
+    fn into_response(self) -> axum::response::Response {
+        let mut buf = Vec::with_capacity(64 + 512 * self.0.len());
+        match serde_json::to_writer(&mut buf, &self.0) {
+            Ok(()) => (
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    axum::http::HeaderValue::from_static("application/json"),
+                )],
+                buf,
+            )
+                .into_response(),
+            Err(e) => crate::error::ApiError::from(tonic::Status::internal(format!(
+                "the answer did not serialize: {e}"
+            )))
+            .into_response(),
         }
     }
 }

@@ -10,7 +10,7 @@ use utoipa::IntoParams;
 use volant_services::api::{ipam::v1 as ipam, net::v1 as net};
 
 use crate::error::{ApiError, Body, By, ErrorBody, Path, Query};
-use crate::model::{CreateNetwork, Lease, Network};
+use crate::model::{CreateNetwork, Lease, List, Network};
 use crate::peers::{Peers, READ, WRITE, req};
 use crate::vms::Force;
 
@@ -25,7 +25,7 @@ pub struct ByNetwork {
 /// The networks.
 #[utoipa::path(get, path = "/api/v1/networks", tag = "networks",
     responses((status = 200, body = Vec<Network>), (status = 503, body = ErrorBody)))]
-pub async fn list(State(p): State<Peers>) -> Result<Json<Vec<Network>>, ApiError> {
+pub async fn list(State(p): State<Peers>) -> Result<List<Network>, ApiError> {
     let nets = p
         .net
         .clone()
@@ -56,7 +56,7 @@ pub async fn list(State(p): State<Peers>) -> Result<Json<Vec<Network>>, ApiError
             .filter_map(|p| Network::join(None, Some(p))),
     );
     out.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(Json(out))
+    Ok(List(out))
 }
 
 async fn one(p: &Peers, name: &str) -> Result<Network, ApiError> {
@@ -201,7 +201,7 @@ pub async fn delete(
 pub async fn leases(
     State(p): State<Peers>,
     Query(q): Query<ByNetwork>,
-) -> Result<Json<Vec<Lease>>, ApiError> {
+) -> Result<List<Lease>, ApiError> {
     let r = ipam::ListLeasesRequest {
         pool: q.network.unwrap_or_default(),
         vm: String::new(),
@@ -214,5 +214,5 @@ pub async fn leases(
         .by("ipamd")?
         .into_inner()
         .leases;
-    Ok(Json(leases.into_iter().map(Lease::from).collect()))
+    Ok(List(leases.into_iter().map(Lease::from).collect()))
 }

@@ -6,13 +6,13 @@ use axum::http::StatusCode;
 use volant_services::api::vmm::v1 as vmm;
 
 use crate::error::{ApiError, Body, By, ErrorBody, Path};
-use crate::model::Plugin;
+use crate::model::{List, Plugin};
 use crate::peers::{Peers, READ, WRITE, req};
 
 /// The installed plugins.
 #[utoipa::path(get, path = "/api/v1/plugins", tag = "plugins",
     responses((status = 200, body = Vec<Plugin>), (status = 503, body = ErrorBody)))]
-pub async fn list(State(p): State<Peers>) -> Result<Json<Vec<Plugin>>, ApiError> {
+pub async fn list(State(p): State<Peers>) -> Result<List<Plugin>, ApiError> {
     let plugins = p
         .vmm
         .clone()
@@ -21,7 +21,7 @@ pub async fn list(State(p): State<Peers>) -> Result<Json<Vec<Plugin>>, ApiError>
         .by("vmmd")?
         .into_inner()
         .plugins;
-    Ok(Json(plugins.into_iter().map(Plugin::from).collect()))
+    Ok(List(plugins.into_iter().map(Plugin::from).collect()))
 }
 
 /// Installs a plugin from its manifest (the body); installing it again replaces it (200).

@@ -11,7 +11,7 @@ use volant_services::api::net::v1 as net;
 use volant_services::api::vmm::v1 as vmm;
 
 use crate::error::{ApiError, Body, By, ErrorBody, Path, Query};
-use crate::model::{AddPort, CreateVm, Port, Vm};
+use crate::model::{AddPort, CreateVm, List, Port, Vm};
 use crate::peers::{LIFECYCLE, Peers, READ, WRITE, open_stream, req};
 
 /// `?force=`.
@@ -48,14 +48,14 @@ fn vm_of(v: Option<vmm::Vm>) -> Result<Json<Vm>, ApiError> {
 /// The VMs.
 #[utoipa::path(get, path = "/api/v1/vms", tag = "vms",
     responses((status = 200, body = Vec<Vm>), (status = 503, body = ErrorBody)))]
-pub async fn list(State(p): State<Peers>) -> Result<Json<Vec<Vm>>, ApiError> {
+pub async fn list(State(p): State<Peers>) -> Result<List<Vm>, ApiError> {
     let vms = p
         .vmm
         .clone()
         .list_vms(req(vmm::ListVmsRequest {}, READ))
         .await
         .by("vmmd")?;
-    Ok(Json(
+    Ok(List(
         vms.into_inner().vms.into_iter().map(Vm::from).collect(),
     ))
 }
@@ -200,7 +200,7 @@ pub async fn logs(
 pub async fn ports(
     State(p): State<Peers>,
     Path(name): Path<String>,
-) -> Result<Json<Vec<Port>>, ApiError> {
+) -> Result<List<Port>, ApiError> {
     p.vmm
         .clone()
         .get_vm(req(vmm::GetVmRequest { name: name.clone() }, READ))
@@ -212,7 +212,7 @@ pub async fn ports(
         .list_port_forwards(req(net::ListPortForwardsRequest { vm: name }, READ))
         .await
         .by("netd")?;
-    Ok(Json(
+    Ok(List(
         fwd.into_inner()
             .forwards
             .into_iter()

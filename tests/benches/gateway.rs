@@ -21,6 +21,7 @@ use volant_tests::{ControlPlane, Daemon, hello_manifest, host_and_upstream, in_n
 
 const VMS: usize = 100;
 const CLIENTS: usize = 16;
+const ROUNDS: usize = 3;
 
 struct Row {
     what: &'static str,
@@ -158,14 +159,13 @@ async fn run() {
 
     let addr: std::net::SocketAddr = "127.0.0.1:8080".parse().unwrap();
     let ns = cp.host.name.clone();
-    let mut rows = Vec::new();
-    let mut http_clients = Vec::new();
-    for _ in 0..CLIENTS {
-        http_clients.push(http(&ns, addr).await);
-    }
-    let pool = Arc::new(std::sync::Mutex::new(http_clients));
-    let http_load = |path: &'static str| {
-        let pool = pool.clone();
+    // `CLIENTS` fresh keep-alive connections, one per load task, for a request of `path`.
+    let http_load = async |path: &'static str| {
+        let mut conns = Vec::new();
+        for _ in 0..CLIENTS {
+            conns.push(http(&ns, addr).await);
+        }
+        let pool = std::sync::Mutex::new(conns);
         move || {
             let mut sender = pool.lock().unwrap().pop().unwrap();
             move || {
@@ -192,57 +192,56 @@ async fn run() {
     })
     .await;
     drop(warm);
-    rows.push(
-        load("gRPC ListVms, direct to vmmd", secs, || {
-            let c = VmmClient::new(cp.vmmd.channel());
-            move || {
-                let mut c = c.clone();
-                async move {
-                    c.list_vms(ListVmsRequest {}).await.unwrap();
+    // The rows alternate over several rounds so that a slow moment of the machine does not land
+    // on one side of the comparison only.
+    let mut rows: Vec<Row> = Vec::new();
+    for _ in 0..ROUNDS {
+        let round = [
+            load("gRPC ListVms, direct to vmmd", secs, || {
+                let c = VmmClient::new(cp.vmmd.channel());
+                move || {
+                    let mut c = c.clone();
+                    async move {
+                        c.list_vms(ListVmsRequest {}).await.unwrap();
+                    }
                 }
-            }
-        })
-        .await,
-    );
-    rows.push(
-        load(
-            "GET /api/v1/vms through the gateway",
-            secs,
-            http_load("/api/v1/vms"),
-        )
-        .await,
-    );
-    for c in pool.lock().unwrap().drain(..) {
-        drop(c);
-    }
-    let mut again = Vec::new();
-    for _ in 0..CLIENTS {
-        again.push(http(&ns, addr).await);
-    }
-    *pool.lock().unwrap() = again;
-    rows.push(
-        load("gRPC Health/Check, direct to vmmd", secs, || {
-            let c = HealthClient::new(cp.vmmd.channel());
-            move || {
-                let mut c = c.clone();
-                async move {
-                    c.check(HealthCheckRequest::default()).await.unwrap();
+            })
+            .await,
+            load(
+                "GET /api/v1/vms through the gateway",
+                secs,
+                http_load("/api/v1/vms").await,
+            )
+            .await,
+            load("gRPC Health/Check, direct to vmmd", secs, || {
+                let c = HealthClient::new(cp.vmmd.channel());
+                move || {
+                    let mut c = c.clone();
+                    async move {
+                        c.check(HealthCheckRequest::default()).await.unwrap();
+                    }
                 }
+            })
+            .await,
+            load(
+                "GET /api/v1/health through the gateway",
+                secs,
+                http_load("/api/v1/health").await,
+            )
+            .await,
+        ];
+        if rows.is_empty() {
+            rows.extend(round);
+        } else {
+            for (row, more) in rows.iter_mut().zip(round) {
+                row.latencies.extend(more.latencies);
+                row.elapsed += more.elapsed;
             }
-        })
-        .await,
-    );
-    rows.push(
-        load(
-            "GET /api/v1/health through the gateway",
-            secs,
-            http_load("/api/v1/health"),
-        )
-        .await,
-    );
+        }
+    }
 
     println!(
-        "| what ({CLIENTS} concurrent clients, {VMS} VMs recorded) | req/s | p50 ms | p99 ms |"
+        "| what ({CLIENTS} concurrent clients, {VMS} VMs recorded, {ROUNDS} alternating rounds) | req/s | p50 ms | p99 ms |"
     );
     println!("|---|---:|---:|---:|");
     for r in rows.iter_mut() {
