@@ -27,3 +27,11 @@ pub mod vmm {
         tonic::include_proto!("volant.vmm.v1");
     }
 }
+
+/// `volant.proxy.v1`: vsock ingress routes and egress policies (proxyd).
+pub mod proxy {
+    #[allow(missing_docs, clippy::all)]
+    pub mod v1 {
+        tonic::include_proto!("volant.proxy.v1");
+    }
+}

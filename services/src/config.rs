@@ -30,6 +30,8 @@ pub struct Config {
     pub vmmd: VmmdConfig,
     /// The gateway's own section.
     pub gateway: ServiceConfig,
+    /// proxyd's section.
+    pub proxyd: ProxydConfig,
     /// Sections this build does not know; reported as a warning, not an error, so that one file
     /// can serve several versions.
     #[serde(flatten)]
@@ -118,6 +120,52 @@ pub struct VmmdConfig {
     pub stop_timeout_secs: Option<u64>,
 }
 
+/// proxyd's section: its two data planes and the egress rules' knobs.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxydConfig {
+    /// The state directory (registered routes).
+    pub state_dir: Option<PathBuf>,
+    /// The gRPC listen address.
+    pub listen: Option<Addr>,
+    /// The ingress HTTP listener [default: unix:<run-dir>/proxyd-ingress.sock].
+    pub ingress: Option<Addr>,
+    /// How egress resolves names: absent or `system` for the system resolver, or a static map
+    /// `{ static: { name: address, ... } }`.
+    pub resolver: Option<Resolver>,
+    /// A PEM bundle of extra CAs trusted (besides the webpki roots) when proxyd originates TLS.
+    pub extra_ca: Option<PathBuf>,
+    /// Addresses egress must never reach besides the built-in list (the Volant subnets are added
+    /// from the networking block), as CIDRs.
+    pub deny: Vec<ipnet::IpNet>,
+    /// Requests per second and burst when a VM's manifest sets none [default: 50, 100].
+    pub requests_per_second: Option<u32>,
+    /// See `requests_per_second`.
+    pub burst: Option<u32>,
+    /// Bytes per second through egress, per VM [default: 12.5 MB/s].
+    pub bytes_per_second: Option<u64>,
+    /// Concurrent egress tunnels per VM [default: 64].
+    pub max_tunnels: Option<u32>,
+    /// Seconds an egress connection may sit idle [default: 60].
+    pub idle_timeout_secs: Option<u64>,
+    /// Seconds an egress connection may live [default: 3600].
+    pub total_timeout_secs: Option<u64>,
+    /// Largest ingress request body in bytes [default: 1 GiB].
+    pub max_body_bytes: Option<u64>,
+    /// Seconds an ingress request may take, body included [default: 300].
+    pub request_timeout_secs: Option<u64>,
+}
+
+/// How proxyd resolves names.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum Resolver {
+    /// The system's resolver (getaddrinfo).
+    System,
+    /// A fixed map of names to addresses; other names do not resolve.
+    Static(BTreeMap<String, IpAddr>),
+}
+
 impl Config {
     /// Reads the configuration. With no explicit path a missing default file means defaults; an
     /// explicit path that does not exist is an error, since it is most likely a typo.
@@ -150,6 +198,10 @@ impl Config {
             "ipamd" => Some(self.ipamd.clone()),
             "netd" => Some(self.netd.clone()),
             "gateway" => Some(self.gateway.clone()),
+            "proxyd" => Some(ServiceConfig {
+                state_dir: self.proxyd.state_dir.clone(),
+                listen: self.proxyd.listen.clone(),
+            }),
             "vmmd" => Some(ServiceConfig {
                 state_dir: self.vmmd.state_dir.clone(),
                 listen: self.vmmd.listen.clone(),

@@ -112,14 +112,7 @@ impl Daemon {
     /// Binds the listen address: a Unix socket (mode 0600, a stale one replaced, a live one
     /// refused) or TCP.
     pub async fn bind(&self) -> anyhow::Result<Listener> {
-        Ok(match &self.listen {
-            Addr::Unix(path) => Listener::Unix(bind_unix(path)?),
-            Addr::Tcp(hostport) => Listener::Tcp(
-                TcpListener::bind(hostport)
-                    .await
-                    .with_context(|| format!("listening on tcp://{hostport}"))?,
-            ),
-        })
+        bind(&self.listen).await
     }
 
     /// Runs the server that `serve` makes from the bound listener until SIGTERM or SIGINT;
@@ -252,8 +245,20 @@ impl Services {
     }
 }
 
+/// Binds `addr`: a Unix socket (mode 0600, a stale one replaced, a live one refused) or TCP.
+pub async fn bind(addr: &Addr) -> anyhow::Result<Listener> {
+    Ok(match addr {
+        Addr::Unix(path) => Listener::Unix(bind_unix(path)?),
+        Addr::Tcp(hostport) => Listener::Tcp(
+            TcpListener::bind(hostport)
+                .await
+                .with_context(|| format!("listening on tcp://{hostport}"))?,
+        ),
+    })
+}
+
 /// Binds a Unix socket with mode 0600, replacing a stale socket file but never a live one.
-fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
+pub fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating directory {}", dir.display()))?;

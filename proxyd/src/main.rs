@@ -1,0 +1,95 @@
+//! proxyd: the vsock data plane. Ingress from the gateway to workloads over hybrid vsock,
+//! egress from workloads to the allowed outside, and the gRPC API vmmd registers VMs with.
+
+mod egress;
+mod grpc;
+mod http;
+mod hvsock;
+mod ingress;
+mod limit;
+mod resolve;
+mod routes;
+mod rules;
+mod stats;
+mod tls;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use volant_services::addr::Addr;
+use volant_services::api::proxy::v1::proxy_server::ProxyServer;
+use volant_services::daemon::{self, Daemon, DaemonArgs, Services};
+
+/// Volant's vsock proxy: ingress to workloads, egress through an allowlist.
+#[derive(Parser)]
+#[command(name = "proxyd", version)]
+struct Args {
+    #[command(flatten)]
+    daemon: DaemonArgs,
+    /// The ingress HTTP listener [default: the config's, else unix:<run-dir>/proxyd-ingress.sock].
+    #[arg(long)]
+    ingress: Option<Addr>,
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let daemon = Daemon::start("proxyd", args.daemon)?;
+    let c = daemon.config.proxyd.clone();
+    let mut deny = c.deny.clone();
+    let bridge = &daemon.config.networking.bridge;
+    deny.push(bridge.subnet);
+    let egress = Arc::new(egress::Egress {
+        resolver: resolve::Resolver::from_config(c.resolver.as_ref())
+            .map_err(|e| anyhow::anyhow!("proxyd.{e}"))?,
+        tls: tls::client_config(c.extra_ca.as_deref())?,
+        deny,
+        dial_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(c.idle_timeout_secs.unwrap_or(60)),
+        total_timeout: Duration::from_secs(c.total_timeout_secs.unwrap_or(3600)),
+    });
+    let defaults = routes::Defaults {
+        requests_per_second: c.requests_per_second.unwrap_or(50),
+        burst: c.burst.unwrap_or(100),
+        bytes_per_second: c.bytes_per_second.unwrap_or(12_500_000),
+        max_tunnels: c.max_tunnels.unwrap_or(64),
+    };
+    let routes = Arc::new(routes::Routes::open(
+        &daemon.state_dir,
+        defaults,
+        egress.clone(),
+    )?);
+    let ingress_addr = args
+        .ingress
+        .or(c.ingress.clone())
+        .unwrap_or_else(|| Addr::Unix(daemon.run_dir.join("proxyd-ingress.sock")));
+    let ingress = Arc::new(ingress::Ingress::new(
+        routes.clone(),
+        c.max_body_bytes.unwrap_or(1 << 30),
+        Duration::from_secs(c.request_timeout_secs.unwrap_or(300)),
+        egress.idle_timeout,
+    ));
+    let listener = daemon::bind(&ingress_addr).await?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(ingress.serve(
+        listener,
+        Box::pin(async {
+            let _ = stop_rx.await;
+        }),
+    ));
+    tracing::info!(ingress = %ingress_addr, "ingress serving");
+    let result = daemon
+        .serve(Services::default().with(ProxyServer::new(grpc::ProxyService(routes))))
+        .await;
+    let _ = stop_tx.send(());
+    let _ = serving.await;
+    if let Addr::Unix(path) = &ingress_addr {
+        let _ = std::fs::remove_file(path);
+    }
+    result
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    daemon::exit("proxyd", run(Args::parse()).await)
+}
