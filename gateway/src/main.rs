@@ -5,6 +5,7 @@ mod model;
 mod networks;
 mod peers;
 mod plugins;
+mod proxy;
 mod router;
 mod system;
 mod vms;
@@ -40,7 +41,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ("vmmd", dial(&daemon.peer("vmmd"))?),
         ("ipamd", dial(&daemon.peer("ipamd"))?),
         ("netd", dial(&daemon.peer("netd"))?),
+        ("proxyd", dial(&daemon.peer("proxyd"))?),
     ];
+    let ingress = daemon.config.proxyd.ingress.clone().unwrap_or_else(|| {
+        volant_services::addr::Addr::Unix(daemon.run_dir.join("proxyd-ingress.sock"))
+    });
     let peers = peers::Peers {
         vmm: VmmClient::new(channels[0].1.clone()),
         ipam: IpamClient::new(channels[1].1.clone()),
@@ -49,6 +54,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .iter()
             .map(|(name, ch)| (*name, HealthClient::new(ch.clone())))
             .collect(),
+        ingress,
     };
     let app = router::router(peers);
     daemon

@@ -28,6 +28,8 @@ pub struct Peers {
     pub net: NetClient<Channel>,
     /// Each service's health, by name.
     pub health: Vec<(&'static str, HealthClient<Channel>)>,
+    /// proxyd's ingress HTTP listener.
+    pub ingress: volant_services::addr::Addr,
 }
 
 /// A request with a deadline.

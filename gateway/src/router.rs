@@ -13,7 +13,7 @@ use utoipa_axum::routes;
 
 use crate::error::ApiError;
 use crate::peers::Peers;
-use crate::{networks, plugins, system, vms};
+use crate::{networks, plugins, proxy, system, vms};
 
 /// The largest request body accepted.
 pub const BODY_LIMIT: usize = 1 << 20;
@@ -32,7 +32,8 @@ pub const BODY_LIMIT: usize = 1 << 20;
         (name = "networks", description = "bridges, address pools and leases"),
         (name = "plugins", description = "VM templates"),
         (name = "system", description = "health and events"),
-    )
+    ),
+    paths(proxy::proxy)
 )]
 struct Doc;
 
@@ -116,6 +117,18 @@ pub fn router(peers: Peers) -> Router {
                     doc,
                 )
             }),
+        )
+        .route(
+            "/api/v1/vms/{name}/proxy",
+            axum::routing::any(proxy::proxy_root),
+        )
+        .route(
+            "/api/v1/vms/{name}/proxy/",
+            axum::routing::any(proxy::proxy_root),
+        )
+        .route(
+            "/api/v1/vms/{name}/proxy/{*path}",
+            axum::routing::any(proxy::proxy),
         )
         .route_layer(axum::middleware::from_fn(trace))
         .fallback(unknown_path)

@@ -7,6 +7,7 @@ mod cmdline;
 mod net;
 mod supervisor;
 mod system;
+mod vsock;
 
 use std::io::Write;
 use std::path::Path;
@@ -54,7 +55,32 @@ async fn start(boot: &Boot, w: &Workload) -> Result<i32, String> {
         .map(|(_, n)| n)
         .collect();
     say(&format!("interfaces {}", names.join(",")));
-    let workload = supervisor::start(w, boot.name.as_deref())?;
+    let mut w = w.clone();
+    if boot.mode == Mode::Vsock {
+        if let Some(port) = boot.http_port.or(w.http_port) {
+            vsock::ingress(boot.vsock_port, port)?;
+            say(&format!(
+                "vsock ingress port {} -> 127.0.0.1:{port}",
+                boot.vsock_port
+            ));
+        }
+        vsock::egress(boot.egress_port).await?;
+        let proxy = format!(
+            "http://{}:{}",
+            vsock::EGRESS_LISTEN.0,
+            vsock::EGRESS_LISTEN.1
+        );
+        for var in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+            w.env
+                .entry(var.to_string())
+                .or_insert_with(|| proxy.clone());
+        }
+        say(&format!(
+            "vsock egress {proxy} -> host port {}",
+            boot.egress_port
+        ));
+    }
+    let workload = supervisor::start(&w, boot.name.as_deref())?;
     if let Some(port) = boot.http_port.or(w.http_port) {
         serving(port).await;
     }

@@ -18,11 +18,12 @@ use ipnet::IpNet;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpStream, UnixListener};
 
-use crate::http::{Body, Meter, boxed, empty, error, pipe, strip_hop_by_hop};
+use crate::http::{Body, Meter, boxed, empty, error, pipe};
 use crate::resolve::Resolver;
 use crate::routes::Vm;
 use crate::rules::{Host, forbidden, normalise};
 use crate::stats::Verdict;
+use volant_services::hop;
 
 /// The largest ClientHello proxyd reads to find the SNI.
 const HELLO_LIMIT: usize = 64 * 1024;
@@ -338,7 +339,7 @@ impl Egress {
     ) -> Response<Body> {
         let https = req.uri().scheme_str() == Some("https");
         let (mut parts, body) = req.into_parts();
-        strip_hop_by_hop(&mut parts.headers, false);
+        hop::strip(&mut parts.headers, false);
         let path = parts
             .uri
             .path_and_query()
@@ -379,7 +380,7 @@ impl Egress {
         };
         match sent {
             Ok(mut res) => {
-                strip_hop_by_hop(res.headers_mut(), false);
+                hop::strip(res.headers_mut(), false);
                 res
             }
             Err(e) => error(StatusCode::BAD_GATEWAY, format!("{}: {e}", target.host)),

@@ -1,10 +1,10 @@
-//! HTTP plumbing shared by both data planes: the body type, plain answers, hop-by-hop headers,
-//! and byte pipes with limits.
+//! HTTP plumbing shared by both data planes: the body type, plain answers, and byte pipes with
+//! limits.
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, Response, StatusCode, header};
+use http::{Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -32,68 +32,21 @@ where
     b.map_err(Into::into).boxed()
 }
 
-/// An answer proxyd gives itself, in the API's error shape.
+/// An answer proxyd gives itself, in the API's error shape (`{"error": message, "details":
+/// {"code": …}}`).
 pub fn error(status: StatusCode, details: impl Into<String>) -> Response<Body> {
     let code = status
         .canonical_reason()
         .unwrap_or("ERROR")
         .to_ascii_uppercase()
         .replace(' ', "_");
-    let body = serde_json::json!({ "error": code, "details": details.into() }).to_string();
+    let body =
+        serde_json::json!({ "error": details.into(), "details": { "code": code } }).to_string();
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "application/json")
         .body(full(body))
         .expect("a valid response")
-}
-
-/// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1), plus the proxy's
-/// own credentials. With `upgrade`, `Connection: upgrade` and `Upgrade` are kept so that a
-/// WebSocket handshake passes.
-pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !(upgrade && n == header::UPGRADE))
-        .collect();
-    for n in named {
-        h.remove(n);
-    }
-    for n in [
-        header::PROXY_AUTHORIZATION,
-        header::PROXY_AUTHENTICATE,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-    ] {
-        h.remove(n);
-    }
-    h.remove("keep-alive");
-    h.remove("proxy-connection");
-    if upgrade {
-        h.insert(
-            header::CONNECTION,
-            header::HeaderValue::from_static("upgrade"),
-        );
-    } else {
-        h.remove(header::CONNECTION);
-        h.remove(header::UPGRADE);
-    }
-}
-
-/// Whether a request asks to switch protocols (WebSocket).
-pub fn wants_upgrade(h: &HeaderMap) -> bool {
-    h.contains_key(header::UPGRADE)
-        && h.get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
 }
 
 /// What a pipe does with each chunk it carries: count it, and say how long to wait before the

@@ -18,9 +18,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use volant_services::daemon::{Listener, Stop};
 
-use crate::http::{Body, Unmetered, boxed, empty, error, pipe, strip_hop_by_hop, wants_upgrade};
+use crate::http::{Body, Unmetered, boxed, empty, error, pipe};
 use crate::hvsock;
 use crate::routes::Routes;
+use volant_services::hop;
 
 /// Idle connections kept per VM.
 const POOL_PER_VM: usize = 32;
@@ -167,10 +168,10 @@ impl Ingress {
                 format!("the body is larger than {} bytes", self.max_body),
             ));
         }
-        let upgrade = wants_upgrade(req.headers());
+        let upgrade = hop::wants_upgrade(req.headers());
         let incoming_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        strip_hop_by_hop(&mut parts.headers, upgrade);
+        hop::strip(&mut parts.headers, upgrade);
         parts.uri = target.parse().map_err(|_| {
             (
                 StatusCode::BAD_REQUEST,
@@ -245,7 +246,7 @@ impl Ingress {
             .map_err(|e| bad_gateway(e.to_string()))?;
         self.give_back(name.to_string(), sender);
         let (mut parts, body) = res.into_parts();
-        strip_hop_by_hop(&mut parts.headers, false);
+        hop::strip(&mut parts.headers, false);
         Ok(Response::from_parts(parts, boxed(body)))
     }
 

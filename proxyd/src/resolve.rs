@@ -17,9 +17,9 @@ pub enum Resolver {
 impl Resolver {
     /// From the config; static names are normalised like requests' hosts.
     pub fn from_config(c: Option<&Config>) -> Result<Resolver, String> {
-        Ok(match c {
-            None | Some(Config::System) => Resolver::System,
-            Some(Config::Static(map)) => {
+        Ok(match c.and_then(|c| c.static_hosts.as_ref()) {
+            None => Resolver::System,
+            Some(map) => {
                 let mut m = BTreeMap::new();
                 for (name, ip) in map {
                     match crate::rules::normalise(name)? {

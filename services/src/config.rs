@@ -114,6 +114,9 @@ pub struct VmmdConfig {
     pub qemu_binary: Option<PathBuf>,
     /// The Cloud Hypervisor binary [default: cloud-hypervisor from PATH].
     pub cloud_hypervisor_binary: Option<PathBuf>,
+    /// The vsock backend QEMU uses for vsock VMs [default: vhost-device-vsock from PATH, else
+    /// ~/.cargo/bin].
+    pub vhost_device_vsock_binary: Option<PathBuf>,
     /// Name servers given to guests [default: 1.1.1.1, 8.8.8.8].
     pub dns: Option<Vec<IpAddr>>,
     /// How long a guest has to shut down cleanly before its hypervisor is stopped [default: 10].
@@ -130,7 +133,7 @@ pub struct ProxydConfig {
     pub listen: Option<Addr>,
     /// The ingress HTTP listener [default: unix:<run-dir>/proxyd-ingress.sock].
     pub ingress: Option<Addr>,
-    /// How egress resolves names: absent or `system` for the system resolver, or a static map
+    /// How egress resolves names: the system's resolver, or a static map
     /// `{ static: { name: address, ... } }`.
     pub resolver: Option<Resolver>,
     /// A PEM bundle of extra CAs trusted (besides the webpki roots) when proxyd originates TLS.
@@ -156,14 +159,13 @@ pub struct ProxydConfig {
     pub request_timeout_secs: Option<u64>,
 }
 
-/// How proxyd resolves names.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase", deny_unknown_fields)]
-pub enum Resolver {
-    /// The system's resolver (getaddrinfo).
-    System,
+/// How proxyd resolves names: the system's resolver unless a static map is given.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Resolver {
     /// A fixed map of names to addresses; other names do not resolve.
-    Static(BTreeMap<String, IpAddr>),
+    #[serde(rename = "static")]
+    pub static_hosts: Option<BTreeMap<String, IpAddr>>,
 }
 
 impl Config {
@@ -243,6 +245,20 @@ mod tests {
         assert_eq!(s.state_dir.as_deref(), Some(Path::new("/tmp/s")));
         assert_eq!(s.listen, Some(Addr::Tcp("127.0.0.1:7000".into())));
         assert!(c.unknown.contains_key("future"));
+    }
+
+    #[test]
+    fn proxyd_resolver() {
+        let c = Config::parse(
+            "proxyd:\n  resolver:\n    static:\n      api.example.com: 203.0.113.7\n",
+        )
+        .unwrap();
+        let map = c.proxyd.resolver.unwrap().static_hosts.unwrap();
+        assert_eq!(
+            map["api.example.com"],
+            "203.0.113.7".parse::<IpAddr>().unwrap()
+        );
+        assert!(Config::parse("proxyd:\n  resolver:\n    static:\n      a.com: nope\n").is_err());
     }
 
     #[test]

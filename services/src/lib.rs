@@ -7,6 +7,7 @@ pub mod config;
 pub mod daemon;
 pub mod dial;
 pub mod durability;
+pub mod hop;
 pub mod telemetry;
 pub mod validate;
 

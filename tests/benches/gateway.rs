@@ -17,7 +17,7 @@ use volant_services::api::vmm::v1::vmm_client::VmmClient;
 use volant_services::api::vmm::v1::{
     CreateVmRequest, InstallPluginRequest, ListVmsRequest, StopVmRequest,
 };
-use volant_tests::{ControlPlane, Daemon, hello_manifest, host_and_upstream, in_netns};
+use volant_tests::{ControlPlane, hello_manifest, host_and_upstream, in_netns};
 
 const VMS: usize = 100;
 const CLIENTS: usize = 16;
@@ -117,20 +117,7 @@ async fn run() {
     let (host, up) = host_and_upstream();
     let env = [("RUST_LOG", "warn")];
     let cp = ControlPlane::start_in(host, up, &env, "  stop_timeout_secs: 0").await;
-    let config = cp.root.path().join("volant.yaml");
-    let _gateway = Daemon::start_with(
-        Some(&cp.host),
-        "gateway",
-        cp.root.path(),
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--listen",
-            "tcp://127.0.0.1:8080",
-        ],
-        &env,
-    )
-    .await;
+    let _gateway = cp.gateway(&env).await;
     let mut vmm = cp.vmm();
     vmm.install_plugin(InstallPluginRequest {
         manifest_json: hello_manifest(),

@@ -14,11 +14,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use tokio_stream::StreamExt;
+
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use volant_services::api::ipam::v1::ipam_client::IpamClient;
 use volant_services::api::net::v1::net_client::NetClient;
+use volant_services::api::vmm::v1::StreamLogsRequest;
 use volant_services::api::vmm::v1::vmm_client::VmmClient;
 use volant_services::{Addr, Channel, dial};
 
@@ -543,14 +546,16 @@ pub fn host_and_upstream() -> (Netns, Netns) {
     (host, up)
 }
 
-/// ipamd, netd and vmmd as separate processes in a host namespace with an upstream behind NAT,
-/// sharing one config file and run directory. Dropping it kills the daemons and every
-/// hypervisor they started, then removes the namespaces.
+/// ipamd, netd, proxyd and vmmd as separate processes in a host namespace with an upstream
+/// behind NAT, sharing one config file and run directory. Dropping it kills the daemons and
+/// every hypervisor (and vsock backend) they started, then removes the namespaces.
 pub struct ControlPlane {
     /// ipamd.
     pub ipamd: Daemon,
     /// netd.
     pub netd: Daemon,
+    /// proxyd.
+    pub proxyd: Daemon,
     /// vmmd.
     pub vmmd: Daemon,
     /// Where the daemons run.
@@ -562,13 +567,13 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    /// Starts the three daemons.
+    /// Starts the four daemons.
     pub async fn start() -> ControlPlane {
         let (host, up) = host_and_upstream();
         ControlPlane::start_in(host, up, &[], "").await
     }
 
-    /// Starts the three daemons in `host`, with extra environment variables and extra lines for
+    /// Starts the four daemons in `host`, with extra environment variables and extra lines for
     /// vmmd's config section (two-space indented YAML).
     pub async fn start_in(
         host: Netns,
@@ -576,12 +581,23 @@ impl ControlPlane {
         env: &[(&str, &str)],
         vmmd: &str,
     ) -> ControlPlane {
+        ControlPlane::start_with_config(host, up, env, vmmd, "").await
+    }
+
+    /// Like [`ControlPlane::start_in`], with more top-level YAML sections (e.g. `proxyd:`).
+    pub async fn start_with_config(
+        host: Netns,
+        up: Netns,
+        env: &[(&str, &str)],
+        vmmd: &str,
+        sections: &str,
+    ) -> ControlPlane {
         let root = tempfile::tempdir().expect("tempdir");
         let config = root.path().join("volant.yaml");
         std::fs::write(
             &config,
             format!(
-                "vmmd:\n  accel_cache: {}\n  dns: [10.99.0.2]\n{}\n",
+                "vmmd:\n  accel_cache: {}\n  dns: [10.99.0.2]\n{}\n{sections}\n",
                 guest_dir().join("accel.json").display(),
                 if vmmd.is_empty() {
                     "  stop_timeout_secs: 5"
@@ -594,15 +610,29 @@ impl ControlPlane {
         let args = ["--config", config.to_str().expect("utf-8 path")];
         let ipamd = Daemon::start_with(Some(&host), "ipamd", root.path(), &args, env).await;
         let netd = Daemon::start_with(Some(&host), "netd", root.path(), &args, env).await;
+        let proxyd = Daemon::start_with(Some(&host), "proxyd", root.path(), &args, env).await;
         let vmmd = Daemon::start_with(Some(&host), "vmmd", root.path(), &args, env).await;
         ControlPlane {
             ipamd,
             netd,
+            proxyd,
             vmmd,
             host,
             up,
             root,
         }
+    }
+
+    /// Starts the gateway on tcp://127.0.0.1:8080 in the host namespace, with `env`.
+    pub async fn gateway(&self, env: &[(&str, &str)]) -> Daemon {
+        let config = self.root.path().join("volant.yaml");
+        let args = [
+            "--config",
+            config.to_str().expect("utf-8 path"),
+            "--listen",
+            "tcp://127.0.0.1:8080",
+        ];
+        Daemon::start_with(Some(&self.host), "gateway", self.root.path(), &args, env).await
     }
 
     /// A vmmd client.
@@ -630,5 +660,42 @@ impl Drop for ControlPlane {
     fn drop(&mut self) {
         self.vmmd.kill9();
         kill_by_arg(&self.run_dir().join("vmm-").display().to_string());
+        kill_by_arg(&self.run_dir().join("vhost-vsock-").display().to_string());
+    }
+}
+
+/// Follows the VM's console until kestrel reports `ready` for the `boot`th time (the log keeps
+/// earlier boots), at most `limit`.
+pub async fn ready(
+    mut vmm: VmmClient<Channel>,
+    name: String,
+    boot: usize,
+    limit: Duration,
+) -> Result<Duration, String> {
+    let start = Instant::now();
+    let mut stream = vmm
+        .stream_logs(StreamLogsRequest {
+            name: name.clone(),
+            follow: true,
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner();
+    let mut console = String::new();
+    let found = tokio::time::timeout(limit, async {
+        while let Some(Ok(chunk)) = stream.next().await {
+            console.push_str(&String::from_utf8_lossy(&chunk.data));
+            if console.matches("kestrel: ready").count() >= boot {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    match found {
+        Ok(true) => Ok(start.elapsed()),
+        _ => Err(format!(
+            "{name} not ready after {limit:?}; console:\n{console}"
+        )),
     }
 }

@@ -16,19 +16,7 @@ struct FrontDoor {
 
 async fn front_door() -> FrontDoor {
     let cp = ControlPlane::start().await;
-    let config = cp.root.path().join("volant.yaml");
-    let gateway = Daemon::start_in(
-        Some(&cp.host),
-        "gateway",
-        cp.root.path(),
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--listen",
-            "tcp://127.0.0.1:8080",
-        ],
-    )
-    .await;
+    let gateway = cp.gateway(&[]).await;
     let proxy = Recorder::start(&cp.host, "127.0.0.1:8080");
     FrontDoor { proxy, gateway, cp }
 }

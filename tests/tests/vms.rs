@@ -4,7 +4,7 @@
 //! nothing behind. Guest boots are few and shared by many checks (each takes seconds under TCG).
 
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -14,9 +14,9 @@ use volant_services::api::net::v1::{EnsureNetworkRequest, ListTapsRequest, Netwo
 use volant_services::api::vmm::v1::vmm_client::VmmClient;
 use volant_services::api::vmm::v1::{
     CreateVmRequest, DeleteVmRequest, GetVmRequest, InstallPluginRequest, ListVmsRequest,
-    StartVmRequest, StopVmRequest, StreamLogsRequest, Vm, VmStatus, WatchEventsRequest,
+    StartVmRequest, StopVmRequest, Vm, VmStatus, WatchEventsRequest,
 };
-use volant_tests::{ControlPlane, hello_manifest, iptables_save};
+use volant_tests::{ControlPlane, hello_manifest, iptables_save, ready};
 
 type Vmm = VmmClient<Channel>;
 
@@ -37,42 +37,6 @@ async fn get(vmm: &mut Vmm, name: &str) -> Vm {
         .into_inner()
         .vm
         .unwrap()
-}
-
-/// Follows the VM's console until kestrel reports `ready` for the `boot`th time (the log keeps
-/// earlier boots), at most `limit`.
-async fn ready(
-    mut vmm: Vmm,
-    name: String,
-    boot: usize,
-    limit: Duration,
-) -> Result<Duration, String> {
-    let start = Instant::now();
-    let mut stream = vmm
-        .stream_logs(StreamLogsRequest {
-            name: name.clone(),
-            follow: true,
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .into_inner();
-    let mut console = String::new();
-    let found = tokio::time::timeout(limit, async {
-        while let Some(Ok(chunk)) = stream.next().await {
-            console.push_str(&String::from_utf8_lossy(&chunk.data));
-            if console.matches("kestrel: ready").count() >= boot {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    match found {
-        Ok(true) => Ok(start.elapsed()),
-        _ => Err(format!(
-            "{name} not ready after {limit:?}; console:\n{console}"
-        )),
-    }
 }
 
 fn page(cp: &ControlPlane, ip: &str, path: &str) -> String {

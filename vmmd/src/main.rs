@@ -59,7 +59,17 @@ fn settings(daemon: &Daemon) -> anyhow::Result<vmm::Settings> {
         .cloud_hypervisor_binary
         .clone()
         .or_else(|| which("cloud-hypervisor"));
+    let vsock_backend = c
+        .vhost_device_vsock_binary
+        .clone()
+        .or_else(|| which("vhost-device-vsock"))
+        .or_else(|| {
+            let cargo = Path::new(&std::env::var_os("HOME")?).join(".cargo/bin/vhost-device-vsock");
+            cargo.is_file().then_some(cargo)
+        })
+        .unwrap_or_else(|| "vhost-device-vsock".into());
     Ok(vmm::Settings {
+        vsock_backend,
         state_dir: daemon.state_dir.clone(),
         run_dir: daemon.run_dir.clone(),
         default_network: daemon.config.networking.bridge.name.clone(),
@@ -87,7 +97,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| daemon.state_dir.join("accel.json"));
     let settings = settings(&daemon)?;
-    let peers = peers::Peers::new(dial(&daemon.peer("ipamd"))?, dial(&daemon.peer("netd"))?);
+    let peers = peers::Peers::new(
+        dial(&daemon.peer("ipamd"))?,
+        dial(&daemon.peer("netd"))?,
+        dial(&daemon.peer("proxyd"))?,
+    );
     let store = records::Store::open(&daemon.state_dir).map_err(anyhow::Error::msg)?;
     let vmm = Arc::new(
         vmm::Vmm::open(settings, store, peers, accel::Accel::new(forced, cache))
@@ -105,6 +119,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_secs(10));
+        }
+    });
+    let routes_vmm = vmm.clone();
+    tokio::spawn(async move {
+        // proxyd is only needed by vsock VMs: say once that it is missing, then keep trying.
+        let mut wait = Duration::from_millis(200);
+        let mut said = false;
+        loop {
+            match routes_vmm.reconcile_routes().await {
+                Ok(()) => return,
+                Err(e) if !said => {
+                    said = true;
+                    tracing::warn!("reconciling with proxyd: {}", e.message());
+                }
+                Err(e) => tracing::debug!("reconciling with proxyd: {}", e.message()),
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(30));
         }
     });
     let (state_dir, run_dir) = (daemon.state_dir.clone(), daemon.run_dir.clone());

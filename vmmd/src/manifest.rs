@@ -162,6 +162,9 @@ pub struct RateLimit {
     pub requests_per_second: u32,
     /// Burst size.
     pub burst: u32,
+    /// Bytes per second through the egress proxy, both ways [default: proxyd's].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_per_second: Option<u64>,
 }
 
 /// `workload`.

@@ -1,4 +1,4 @@
-//! ipamd and netd, as vmmd calls them: every call with a deadline, every error naming the peer.
+//! ipamd, netd and proxyd, as vmmd calls them: every call with a deadline, every error naming the peer.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -9,6 +9,8 @@ use volant_services::api::ipam::v1 as ipam;
 use volant_services::api::ipam::v1::ipam_client::IpamClient;
 use volant_services::api::net::v1 as net;
 use volant_services::api::net::v1::net_client::NetClient;
+use volant_services::api::proxy::v1 as proxy;
+use volant_services::api::proxy::v1::proxy_client::ProxyClient;
 
 /// The deadline of one call to a peer.
 const CALL: Duration = Duration::from_secs(10);
@@ -38,15 +40,52 @@ pub struct Lease {
 pub struct Peers {
     ipam: IpamClient<Channel>,
     net: NetClient<Channel>,
+    proxy: ProxyClient<Channel>,
 }
 
 impl Peers {
     /// Clients over the given channels.
-    pub fn new(ipam: Channel, net: Channel) -> Peers {
+    pub fn new(ipam: Channel, net: Channel, proxy: Channel) -> Peers {
         Peers {
             ipam: IpamClient::new(ipam),
             net: NetClient::new(net),
+            proxy: ProxyClient::new(proxy),
         }
+    }
+
+    /// Registers a vsock VM's route and egress policy with proxyd (idempotent).
+    pub async fn register_route(&self, route: proxy::Route) -> Result<(), Status> {
+        self.proxy
+            .clone()
+            .register_vm(req(proxy::RegisterVmRequest { route: Some(route) }))
+            .await
+            .map(drop)
+            .map_err(named("proxyd"))
+    }
+
+    /// Removes a VM's route from proxyd (idempotent).
+    pub async fn unregister_route(&self, vm: &str) -> Result<(), Status> {
+        self.proxy
+            .clone()
+            .unregister_vm(req(proxy::UnregisterVmRequest { vm: vm.into() }))
+            .await
+            .map(drop)
+            .map_err(named("proxyd"))
+    }
+
+    /// The VMs proxyd has routes for.
+    pub async fn routes(&self) -> Result<Vec<String>, Status> {
+        Ok(self
+            .proxy
+            .clone()
+            .list_routes(req(proxy::ListRoutesRequest {}))
+            .await
+            .map_err(named("proxyd"))?
+            .into_inner()
+            .routes
+            .into_iter()
+            .map(|r| r.vm)
+            .collect())
     }
 
     /// Leases an address of `network` to `vm` (its existing one when it has one).

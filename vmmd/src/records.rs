@@ -80,6 +80,12 @@ pub struct VmRecord {
     pub mac: String,
     /// Its TAP (bridge mode).
     pub tap: String,
+    /// Its vsock context id (vsock mode), chosen when it is recorded.
+    #[serde(default)]
+    pub cid: Option<u32>,
+    /// The host end of its vsock, `<run-dir>/vsock-<cid>.sock` (vsock mode).
+    #[serde(default)]
+    pub vsock_socket: String,
     /// vCPUs.
     pub cpu_cores: u32,
     /// Memory in MiB.
@@ -109,6 +115,9 @@ pub struct Paths {
     pub hypervisor_log: PathBuf,
     /// The hypervisor's control socket (QMP or Cloud Hypervisor's API).
     pub api_socket: PathBuf,
+    /// The vhost-user socket between QEMU and its vsock backend (vsock mode).
+    pub vhost_socket: PathBuf,
+    run_dir: PathBuf,
 }
 
 impl Paths {
@@ -119,8 +128,15 @@ impl Paths {
             serial: dir.join("serial.log"),
             hypervisor_log: dir.join("hypervisor.log"),
             api_socket: run_dir.join(format!("vmm-{name}.sock")),
+            vhost_socket: run_dir.join(format!("vhost-vsock-{name}.sock")),
+            run_dir: run_dir.to_path_buf(),
             dir,
         }
+    }
+
+    /// The host end of the hybrid vsock of context id `cid`.
+    pub fn vsock(&self, cid: u32) -> PathBuf {
+        self.run_dir.join(format!("vsock-{cid}.sock"))
     }
 }
 

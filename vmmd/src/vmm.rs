@@ -23,7 +23,7 @@ use volant_services::validate::dns_label;
 use crate::accel::Accel;
 use crate::driver::cloud_hypervisor::CloudHypervisor;
 use crate::driver::qemu::Qemu;
-use crate::driver::{Driver, LaunchSpec, Nic};
+use crate::driver::{Driver, LaunchSpec, Nic, Vsock};
 use crate::manifest::{Hypervisor, Manifest, Mode};
 use crate::peers::Peers;
 use crate::process;
@@ -52,6 +52,8 @@ pub struct Settings {
     pub qemu: PathBuf,
     /// The Cloud Hypervisor binary, when installed.
     pub cloud_hypervisor: Option<PathBuf>,
+    /// The vsock backend of QEMU.
+    pub vsock_backend: PathBuf,
     /// How long a guest has to shut down cleanly.
     pub stop_timeout: Duration,
 }
@@ -126,8 +128,8 @@ pub fn vm_pb(r: &VmRecord) -> pb::Vm {
         ip_address: r.ip.map(|ip| ip.to_string()).unwrap_or_default(),
         mac_address: r.mac.clone(),
         tap_device: r.tap.clone(),
-        vsock_cid: 0,
-        vsock_socket: String::new(),
+        vsock_cid: r.cid.unwrap_or_default(),
+        vsock_socket: r.vsock_socket.clone(),
         pid: r.pid.map(i64::from).unwrap_or_default(),
         cpu_cores: r.cpu_cores,
         memory_mb: r.memory_mb,
@@ -138,6 +140,7 @@ pub fn vm_pb(r: &VmRecord) -> pb::Vm {
         accel: r.accel.clone(),
         prefix_len: r.prefix_len.into(),
         gateway: r.gateway.map(|g| g.to_string()).unwrap_or_default(),
+        http_port: r.manifest.workload.http_port().map_or(0, u32::from),
     }
 }
 
@@ -185,6 +188,10 @@ pub fn cmdline(r: &VmRecord, dns: &[IpAddr]) -> Result<String, String> {
     if let Some(port) = m.workload.http_port() {
         parts.push(format!("volant.http_port={port}"));
     }
+    if r.mode == crate::manifest::Mode::Vsock {
+        let port = m.networking.proxy.as_ref().map_or(8080, |p| p.port);
+        parts.push(format!("volant.vsock_port={port} volant.egress_port=3128"));
+    }
     parts.push(format!("volant.workload={}", workload_param(m)));
     if !r.extra_cmdline.is_empty() {
         parts.push(r.extra_cmdline.clone());
@@ -225,6 +232,7 @@ impl Vmm {
         Ok(Vmm {
             qemu: Qemu {
                 binary: settings.qemu.clone(),
+                vsock_backend: settings.vsock_backend.clone(),
             },
             ch: settings
                 .cloud_hypervisor
@@ -419,9 +427,9 @@ impl Vmm {
                 }
             },
         };
-        if mode == Mode::Vsock {
-            return Err(Status::failed_precondition(
-                "vsock networking needs proxyd, which this vmmd does not have yet",
+        if mode == Mode::Vsock && !req.ip.trim().is_empty() {
+            return Err(invalid(
+                "ip: a vsock VM has no network device and so no address",
             ));
         }
         let requested_ip = match req.ip.trim() {
@@ -491,6 +499,8 @@ impl Vmm {
             gateway: None,
             mac: String::new(),
             tap: String::new(),
+            cid: None,
+            vsock_socket: String::new(),
             cpu_cores,
             memory_mb,
             extra_cmdline: req.kernel_cmdline.trim().to_string(),
@@ -501,6 +511,7 @@ impl Vmm {
             updated_at: now,
         };
         cmdline(&record, &self.settings.dns).map_err(invalid)?;
+        let mut record = record;
         let recorded = async {
             let seq = {
                 let mut vms = lock(&self.vms);
@@ -509,6 +520,16 @@ impl Vmm {
                         "vm {:?} already exists; delete it first or choose another name",
                         req.name
                     )));
+                }
+                if mode == Mode::Vsock {
+                    // The lowest context id no VM holds; 0–2 belong to the hypervisor and host.
+                    let taken: std::collections::HashSet<u32> =
+                        vms.values().filter_map(|v| v.cid).collect();
+                    let cid = (3..u32::MAX).find(|c| !taken.contains(c));
+                    record.cid = cid;
+                    record.vsock_socket = cid
+                        .map(|c| self.paths(&req.name).vsock(c).display().to_string())
+                        .unwrap_or_default();
                 }
                 self.store.put_vm(&record).map_err(store_err)?;
                 vms.insert(req.name.clone(), record.clone());
@@ -550,6 +571,12 @@ impl Vmm {
     /// caller undoes what was done.
     async fn bring_up(self: &Arc<Self>, name: &str) -> Result<VmRecord, Status> {
         let rec = self.get(name)?;
+        if rec.mode == Mode::Vsock {
+            self.peers
+                .register_route(self.route(&rec)?)
+                .instrument(tracing::info_span!("proxyd.register", vm = %name))
+                .await?;
+        }
         if rec.mode == Mode::Bridge {
             let lease = self
                 .peers
@@ -582,6 +609,30 @@ impl Vmm {
             })?;
         }
         self.launch(name).await
+    }
+
+    /// The proxyd route of a vsock VM.
+    fn route(&self, rec: &VmRecord) -> Result<volant_services::api::proxy::v1::Route, Status> {
+        use volant_services::api::proxy::v1 as proxy;
+        let cid = rec
+            .cid
+            .ok_or_else(|| Status::internal(format!("vsock vm {:?} has no cid", rec.name)))?;
+        let p = rec.manifest.networking.proxy.clone();
+        let rate = p.as_ref().and_then(|p| p.rate_limit.clone());
+        Ok(proxy::Route {
+            vm: rec.name.clone(),
+            cid,
+            socket: rec.vsock_socket.clone(),
+            ingress_port: p.as_ref().map_or(8080, |p| p.port.into()),
+            egress: Some(proxy::EgressPolicy {
+                allow_outbound: p.as_ref().is_some_and(|p| p.allow_outbound),
+                allowed_domains: p.map(|p| p.allowed_domains).unwrap_or_default(),
+                requests_per_second: rate.as_ref().map_or(0, |r| r.requests_per_second),
+                burst: rate.as_ref().map_or(0, |r| r.burst),
+                bytes_per_second: rate.and_then(|r| r.bytes_per_second).unwrap_or(0),
+            }),
+            egress_socket: String::new(),
+        })
     }
 
     /// Starts the hypervisor of a VM whose resources are in place.
@@ -620,6 +671,10 @@ impl Vmm {
             nic: (rec.mode == Mode::Bridge).then(|| Nic {
                 tap: rec.tap.clone(),
                 mac: rec.mac.clone(),
+            }),
+            vsock: rec.cid.map(|cid| Vsock {
+                cid,
+                socket: rec.vsock_socket.clone().into(),
             }),
             paths: &paths,
             accel: &accel,
@@ -668,6 +723,11 @@ impl Vmm {
                     None
                 }
             };
+            if let Ok(rec) = vmm.get(&name)
+                && let Ok(driver) = vmm.driver(rec.hypervisor)
+            {
+                driver.release(&vmm.paths(&name)).await;
+            }
             let _ = tx.send(true);
             let result = vmm.update(&name, |r| {
                 if r.status == VmStatus::Running && r.pid == Some(pid) {
@@ -737,8 +797,21 @@ impl Vmm {
         for pid in process::find_by_arg(&api.display().to_string()) {
             process::signal(pid, libc::SIGKILL);
         }
+        if let Ok(driver) = self.driver(rec.hypervisor) {
+            driver.release(&self.paths(name)).await;
+        }
+        if !rec.vsock_socket.is_empty() {
+            let _ = std::fs::remove_file(&rec.vsock_socket);
+            let _ = std::fs::remove_file(self.paths(name).vhost_socket);
+        }
         let mut first = None;
-        if rec.mode == Mode::Bridge {
+        if rec.mode == Mode::Vsock
+            && let Err(e) = self.peers.unregister_route(name).await
+        {
+            tracing::warn!(vm = %name, "tearing down: {}", e.message());
+            first = Some(e);
+        }
+        if rec.mode == Mode::Bridge && (first.is_none() || keep_going) {
             let steps = [
                 self.peers.remove_forwards(name).await,
                 self.peers.delete_tap(name).await,
@@ -886,6 +959,13 @@ impl Vmm {
                 VmStatus::Stopped | VmStatus::Failed => {}
             }
         }
+        for rec in self.list() {
+            if rec.status != VmStatus::Running
+                && let Ok(driver) = self.driver(rec.hypervisor)
+            {
+                driver.release(&self.paths(&rec.name)).await;
+            }
+        }
         let recorded: Vec<u32> = self
             .list()
             .iter()
@@ -927,6 +1007,29 @@ impl Vmm {
                 }
             }
         }
+    }
+
+    /// Registers every vsock VM with proxyd again (proxyd may have lost nothing, but vmmd may
+    /// have crashed between steps) and removes the routes of VMs that do not exist.
+    pub async fn reconcile_routes(&self) -> Result<(), Status> {
+        let vms: BTreeMap<String, VmRecord> = self
+            .list()
+            .into_iter()
+            .map(|r| (r.name.clone(), r))
+            .collect();
+        for vm in self.peers.routes().await? {
+            if !vms.get(&vm).is_some_and(|r| r.mode == Mode::Vsock) {
+                tracing::warn!(%vm, "removing a proxy route no VM holds");
+                self.peers.unregister_route(&vm).await?;
+            }
+        }
+        for rec in vms.values() {
+            let live = matches!(rec.status, VmStatus::Running | VmStatus::Stopped);
+            if rec.mode == Mode::Vsock && live {
+                self.peers.register_route(self.route(rec)?).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Asks the peers to converge and releases what no VM holds: leases of VMs that do not

@@ -38,6 +38,9 @@ pub fn vm_config(spec: &LaunchSpec<'_>) -> Value {
         "serial": { "mode": "File", "file": spec.paths.serial },
         "console": { "mode": "Off" },
     });
+    if let Some(v) = &spec.vsock {
+        config["vsock"] = json!({ "cid": v.cid, "socket": v.socket });
+    }
     if let Some(nic) = &spec.nic {
         config["net"] = json!([{ "tap": nic.tap, "mac": nic.mac }]);
     }
@@ -235,6 +238,7 @@ mod tests {
             cmdline: "console=ttyS0 volant.ip=192.168.127.100/24",
             cpus: 2,
             memory_mb: 256,
+            vsock: None,
             nic: Some(Nic {
                 tap: "vmtap-web".into(),
                 mac: "02:00:00:00:00:01".into(),

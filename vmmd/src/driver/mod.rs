@@ -17,6 +17,14 @@ pub struct Nic {
     pub mac: String,
 }
 
+/// A vsock device: the guest's context id and the host end of its hybrid vsock.
+pub struct Vsock {
+    /// Context id (>= 3).
+    pub cid: u32,
+    /// `<run-dir>/vsock-<cid>.sock`.
+    pub socket: PathBuf,
+}
+
 /// Everything a driver needs to start a VM.
 pub struct LaunchSpec<'a> {
     /// VM name.
@@ -33,6 +41,8 @@ pub struct LaunchSpec<'a> {
     pub memory_mb: u32,
     /// The NIC, in bridge mode.
     pub nic: Option<Nic>,
+    /// The vsock device, in vsock mode.
+    pub vsock: Option<Vsock>,
     /// Where its files go.
     pub paths: &'a Paths,
     /// `kvm` or `tcg`.
@@ -58,6 +68,9 @@ pub trait Driver: Send + Sync {
     async fn force_stop(&self, api: &Path) -> Result<(), String>;
     /// Whether the hypervisor behind `api` answers.
     async fn ping(&self, api: &Path) -> Result<(), String>;
+    /// Stops what the driver started beside the hypervisor (a vsock backend) once the
+    /// hypervisor has exited or is being torn down. Idempotent.
+    async fn release(&self, _paths: &Paths) {}
 }
 
 /// Spawns a hypervisor process: its own session (signals to vmmd do not reach it, and it

@@ -9,7 +9,9 @@ use serde_json::json;
 use tracing::Instrument;
 
 use super::qmp::Qmp;
-use super::{Driver, LaunchSpec, Launched, clear_socket, spawn, wait_ready};
+use super::{Driver, LaunchSpec, Launched, Vsock, clear_socket, spawn, wait_ready};
+use crate::process;
+use crate::records::Paths;
 
 /// How long QEMU may take to answer on QMP after it starts.
 const READY_LIMIT: Duration = Duration::from_secs(20);
@@ -18,6 +20,48 @@ const READY_LIMIT: Duration = Duration::from_secs(20);
 pub struct Qemu {
     /// The `qemu-system-x86_64` binary.
     pub binary: PathBuf,
+    /// The `vhost-device-vsock` binary, the vsock backend of vsock VMs.
+    pub vsock_backend: PathBuf,
+}
+
+/// How long the vsock backend may take to open its vhost-user socket.
+const BACKEND_LIMIT: Duration = Duration::from_secs(5);
+
+impl Qemu {
+    /// Starts the VM's vhost-device-vsock (the vhost-user server QEMU connects to) and waits
+    /// for its socket.
+    async fn start_backend(&self, spec: &LaunchSpec<'_>, v: &Vsock) -> Result<(), String> {
+        self.release(spec.paths).await;
+        clear_socket(&spec.paths.vhost_socket);
+        clear_socket(&v.socket);
+        let args = [
+            "--guest-cid".to_string(),
+            v.cid.to_string(),
+            "--socket".into(),
+            spec.paths.vhost_socket.display().to_string(),
+            "--uds-path".into(),
+            v.socket.display().to_string(),
+        ];
+        let (mut child, _) = spawn(&self.vsock_backend, &args, &spec.paths.hypervisor_log)?;
+        let socket = spec.paths.vhost_socket.clone();
+        let waited = wait_ready(
+            &mut child,
+            &spec.paths.hypervisor_log,
+            BACKEND_LIMIT,
+            || {
+                let exists = socket.exists();
+                async move {
+                    exists
+                        .then_some(())
+                        .ok_or_else(|| "no vhost-user socket yet".to_string())
+                }
+            },
+        )
+        .await;
+        // The backend outlives this call; it is found again by its socket argument.
+        drop(child);
+        waited.map_err(|e| format!("vhost-device-vsock: {e}"))
+    }
 }
 
 /// QEMU's arguments for `spec`.
@@ -28,7 +72,12 @@ pub fn args(spec: &LaunchSpec<'_>) -> Vec<String> {
         "-accel".into(),
         spec.accel.into(),
         "-machine".into(),
-        "pc".into(),
+        // vhost-user needs guest memory the backend can map.
+        if spec.vsock.is_some() {
+            "pc,memory-backend=mem".into()
+        } else {
+            "pc".into()
+        },
     ];
     if spec.accel == "kvm" {
         a.extend(["-cpu".into(), "host".into()]);
@@ -64,6 +113,22 @@ pub fn args(spec: &LaunchSpec<'_>) -> Vec<String> {
             spec.paths.api_socket.display()
         ),
     ]);
+    if spec.vsock.is_some() {
+        a.extend([
+            "-object".into(),
+            format!(
+                "memory-backend-memfd,id=mem,size={}M,share=on",
+                spec.memory_mb
+            ),
+            "-chardev".into(),
+            format!(
+                "socket,id=vsock0,path={}",
+                spec.paths.vhost_socket.display()
+            ),
+            "-device".into(),
+            "vhost-user-vsock-pci,chardev=vsock0".into(),
+        ]);
+    }
     if let Some(nic) = &spec.nic {
         a.extend([
             "-netdev".into(),
@@ -82,6 +147,11 @@ pub fn args(spec: &LaunchSpec<'_>) -> Vec<String> {
 impl Driver for Qemu {
     async fn launch(&self, spec: &LaunchSpec<'_>) -> Result<Launched, String> {
         clear_socket(&spec.paths.api_socket);
+        if let Some(v) = &spec.vsock {
+            self.start_backend(spec, v)
+                .instrument(tracing::info_span!("vsock.backend", cid = v.cid))
+                .await?;
+        }
         let (mut child, spawned_in) = {
             let _span = tracing::info_span!("hypervisor.spawn", hypervisor = "qemu").entered();
             spawn(&self.binary, &args(spec), &spec.paths.hypervisor_log)?
@@ -128,6 +198,17 @@ impl Driver for Qemu {
             .await
             .map(drop)
     }
+
+    async fn release(&self, paths: &Paths) {
+        let needle = paths.vhost_socket.display().to_string();
+        let pids = process::find_by_arg(&needle);
+        for pid in &pids {
+            process::signal(*pid, libc::SIGKILL);
+        }
+        for pid in pids {
+            process::exited(pid).await;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -156,6 +237,7 @@ mod tests {
             }),
             paths: &paths,
             accel: "tcg",
+            vsock: None,
         };
         let a = args(&spec).join(" ");
         for want in [
