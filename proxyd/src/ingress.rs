@@ -23,6 +23,8 @@ use crate::hvsock;
 use crate::routes::Routes;
 use volant_services::hop;
 
+/// The read buffer of a client connection, which bounds the request head.
+const MAX_HEAD: usize = 256 * 1024;
 /// Idle connections kept per VM.
 const POOL_PER_VM: usize = 32;
 
@@ -38,7 +40,7 @@ pub struct Ingress {
     pub handshake_timeout: Duration,
     /// How long an upgraded (WebSocket) connection may sit idle.
     pub idle_timeout: Duration,
-    idle: Arc<Mutex<HashMap<String, Vec<SendRequest<Body>>>>>,
+    idle: Mutex<HashMap<String, Vec<SendRequest<Body>>>>,
 }
 
 /// The VM name and the workload's path (with the query) of an ingress request path.
@@ -71,7 +73,7 @@ impl Ingress {
             request_timeout,
             handshake_timeout: Duration::from_secs(5),
             idle_timeout,
-            idle: Arc::default(),
+            idle: Mutex::default(),
         }
     }
 
@@ -98,7 +100,7 @@ impl Ingress {
                     async move { Ok::<_, Infallible>(me.handle(req).await) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
-                    .max_buf_size(64 * 1024)
+                    .max_buf_size(MAX_HEAD)
                     .header_read_timeout(Duration::from_secs(30))
                     .timer(hyper_util::rt::TokioTimer::new())
                     .serve_connection(io, svc)
@@ -244,35 +246,28 @@ impl Ingress {
                 )
             })?
             .map_err(|e| bad_gateway(e.to_string()))?;
-        self.give_back(name.to_string(), sender);
+        self.give_back(name, sender);
         let (mut parts, body) = res.into_parts();
         hop::strip(&mut parts.headers, false);
         Ok(Response::from_parts(parts, boxed(body)))
     }
 
+    /// An idle connection to `vm`'s workload; busy ones stay in the pool, closed ones leave it.
     fn pooled(&self, vm: &str) -> Option<SendRequest<Body>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(vm)?;
-        while let Some(s) = list.pop() {
-            if s.is_ready() {
-                return Some(s);
-            }
-        }
-        None
+        list.retain(|s| !s.is_closed());
+        let ready = list.iter().position(|s| s.is_ready())?;
+        Some(list.swap_remove(ready))
     }
 
-    /// Returns a connection to the pool once its answer has been read.
-    fn give_back(&self, vm: String, mut sender: SendRequest<Body>) {
-        let pool = self.idle.clone();
-        tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                let mut idle = pool.lock().unwrap_or_else(|p| p.into_inner());
-                let list = idle.entry(vm).or_default();
-                if list.len() < POOL_PER_VM {
-                    list.push(sender);
-                }
-            }
-        });
+    /// Puts a connection back; it serves again once its answer has been read.
+    fn give_back(&self, vm: &str, sender: SendRequest<Body>) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.entry(vm.to_string()).or_default();
+        if list.len() < POOL_PER_VM {
+            list.push(sender);
+        }
     }
 }
 

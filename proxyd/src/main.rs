@@ -1,23 +1,17 @@
 //! proxyd: the vsock data plane. Ingress from the gateway to workloads over hybrid vsock,
 //! egress from workloads to the allowed outside, and the gRPC API vmmd registers VMs with.
 
-mod egress;
-mod grpc;
-mod http;
-mod hvsock;
-mod ingress;
-mod limit;
-mod resolve;
-mod routes;
-mod rules;
-mod stats;
-mod tls;
-
 use std::process::ExitCode;
+
+/// Bodies stream through in many short-lived buffers: mimalloc serves them without the lock
+/// contention of the system allocator.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use proxyd::{egress, grpc, ingress, resolve, routes, tls};
 use volant_services::addr::Addr;
 use volant_services::api::proxy::v1::proxy_server::ProxyServer;
 use volant_services::daemon::{self, Daemon, DaemonArgs, Services};

@@ -1,0 +1,210 @@
+//! Ingress cost: the real proxyd binary in front of a host-side hybrid-vsock endpoint (it
+//! speaks `CONNECT`/`OK` and then echoes HTTP/1.1 bodies, so proxyd's own cost is isolated from
+//! a guest's), against the same endpoint reached directly with the same handshake. One client
+//! for latency, eight for throughput; bodies of 1 KiB and 1 MiB go up and come back.
+//! `cargo bench -p proxyd --bench ingress` (as root or not; no namespace needed).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use volant_services::api::proxy::v1::proxy_client::ProxyClient;
+use volant_services::api::proxy::v1::{EgressPolicy, RegisterVmRequest, Route};
+
+const CLIENTS: usize = 8;
+
+/// The host-side endpoint: the handshake, then an HTTP/1.1 echo server per connection.
+async fn endpoint(path: PathBuf) {
+    let listener = UnixListener::bind(&path).unwrap();
+    loop {
+        let (mut s, _) = listener.accept().await.unwrap();
+        tokio::spawn(async move {
+            let mut line = Vec::new();
+            let mut b = [0u8; 1];
+            while s.read(&mut b).await.unwrap_or(0) == 1 && b[0] != b'\n' {
+                line.push(b[0]);
+            }
+            if !line.starts_with(b"CONNECT ") {
+                return;
+            }
+            s.write_all(b"OK 1073741824\n").await.unwrap();
+            let svc = hyper::service::service_fn(
+                |req: hyper::Request<hyper::body::Incoming>| async move {
+                    Ok::<_, hyper::Error>(hyper::Response::new(req.into_body()))
+                },
+            );
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(s), svc)
+                .await;
+        });
+    }
+}
+
+async fn client(path: &Path, handshake: bool) -> SendRequest<Full<Bytes>> {
+    let mut s = UnixStream::connect(path).await.unwrap();
+    if handshake {
+        s.write_all(b"CONNECT 8080\n").await.unwrap();
+        let mut b = [0u8; 1];
+        while s.read(&mut b).await.unwrap() == 1 && b[0] != b'\n' {}
+    }
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+async fn once(c: &mut SendRequest<Full<Bytes>>, uri: &str, body: &Bytes) {
+    c.ready().await.unwrap();
+    let res = c
+        .send_request(
+            hyper::Request::post(uri)
+                .header("host", "bench")
+                .body(Full::new(body.clone()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let got = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(got.len(), body.len());
+}
+
+fn pct(v: &mut [Duration], p: f64) -> f64 {
+    v.sort_unstable();
+    v[((v.len() as f64 * p) as usize).min(v.len() - 1)].as_secs_f64() * 1e6
+}
+
+/// p50 and p99 in µs of `n` sequential requests on one connection.
+async fn latency(path: &Path, handshake: bool, uri: &str, body: &Bytes, n: usize) -> (f64, f64) {
+    let mut c = client(path, handshake).await;
+    for _ in 0..n / 10 {
+        once(&mut c, uri, body).await;
+    }
+    let mut lat = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        once(&mut c, uri, body).await;
+        lat.push(t.elapsed());
+    }
+    (pct(&mut lat, 0.5), pct(&mut lat, 0.99))
+}
+
+/// Requests per second with `CLIENTS` connections for `secs`.
+async fn throughput(
+    path: &Path,
+    handshake: bool,
+    uri: &'static str,
+    body: &Bytes,
+    secs: Duration,
+) -> f64 {
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut c = client(path, handshake).await;
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while start.elapsed() < secs {
+                once(&mut c, uri, &body).await;
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
+#[tokio::main]
+async fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    let hybrid = run.join("vsock-3.sock");
+    tokio::spawn(endpoint(hybrid.clone()));
+    let config = dir.path().join("volant.yaml");
+    std::fs::write(&config, "").unwrap();
+    let mut proxyd = std::process::Command::new(env!("CARGO_BIN_EXE_proxyd"))
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "--run-dir",
+            run.to_str().unwrap(),
+        ])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let grpc =
+        volant_services::dial(&volant_services::Addr::Unix(run.join("proxyd.sock"))).unwrap();
+    let mut api = ProxyClient::new(grpc);
+    let route = Route {
+        vm: "bench".into(),
+        cid: 3,
+        socket: hybrid.display().to_string(),
+        ingress_port: 8080,
+        egress: Some(EgressPolicy::default()),
+        egress_socket: String::new(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api
+        .register_vm(RegisterVmRequest {
+            route: Some(route.clone()),
+        })
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "proxyd did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ingress = run.join("proxyd-ingress.sock");
+    let secs = Duration::from_secs(3);
+    println!("| body | path | p50 µs | p99 µs | req/s ({CLIENTS} clients) | MB/s each way |");
+    println!("|---|---|---:|---:|---:|---:|");
+    for (label, size, n) in [("1 KiB", 1024usize, 4000usize), ("1 MiB", 1 << 20, 300)] {
+        let body = Bytes::from(vec![7u8; size]);
+        let rows = [
+            (
+                "direct to the hybrid-vsock endpoint",
+                hybrid.as_path(),
+                true,
+                "/echo",
+            ),
+            (
+                "through proxyd's ingress",
+                ingress.as_path(),
+                false,
+                "/api/v1/vms/bench/proxy/echo",
+            ),
+        ];
+        let mut p50s = Vec::new();
+        let mut rates = Vec::new();
+        for (what, path, handshake, uri) in rows {
+            let (p50, p99) = latency(path, handshake, uri, &body, n).await;
+            let rate = throughput(path, handshake, uri, &body, secs).await;
+            println!(
+                "| {label} | {what} | {p50:.0} | {p99:.0} | {rate:.0} | {:.1} |",
+                rate * size as f64 / 1e6
+            );
+            p50s.push(p50);
+            rates.push(rate);
+        }
+        println!(
+            "| {label} | proxyd's cost | +{:.0} µs p50 | | {:.2} of direct | |",
+            p50s[1] - p50s[0],
+            rates[1] / rates[0]
+        );
+    }
+    let _ = proxyd.kill();
+    let _ = proxyd.wait();
+}
