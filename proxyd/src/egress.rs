@@ -425,8 +425,14 @@ pub fn target_of(method: &Method, uri: &Uri) -> Result<(String, u16), String> {
     if auth.as_str().contains('@') {
         return Err("credentials in the URL are refused".into());
     }
+    if auth.host().is_empty() {
+        return Err("the target names no host".into());
+    }
     if method == Method::CONNECT {
-        let port = auth.port_u16().ok_or("CONNECT needs host:port")?;
+        let port = auth
+            .port_u16()
+            .filter(|p| *p != 0)
+            .ok_or("CONNECT needs host:port with a port from 1 to 65535")?;
         if uri.scheme().is_some()
             || uri
                 .path_and_query()
@@ -505,6 +511,8 @@ mod tests {
         assert_eq!(t("GET", "http://[::1]:81/").unwrap(), ("[::1]".into(), 81));
         for (m, u) in [
             ("CONNECT", "api.example.com"),
+            ("CONNECT", "api.:0"),
+            ("CONNECT", ":3"),
             ("GET", "/relative"),
             ("GET", "ftp://a.example/"),
             ("GET", "http://user:pw@a.example/"),
