@@ -72,9 +72,11 @@ where
 #[utoipa::path(method(get, post, put, patch, delete), path = "/api/v1/vms/{name}/proxy/{path}", tag = "vms",
     params(("name" = String, Path, description = "The VM"),
            ("path" = String, Path, description = "The workload's path")),
-    responses((status = 200, description = "The workload's answer, whatever its status"),
-              (status = 404, body = ErrorBody), (status = 412, body = ErrorBody),
-              (status = 502, body = ErrorBody), (status = 503, body = ErrorBody)))]
+    responses((status = 200, description = "The workload's answer, whatever its status and type",
+               body = String, content_type = "*/*"),
+              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 412, body = ErrorBody), (status = 502, body = ErrorBody),
+              (status = 503, body = ErrorBody), (status = 504, body = ErrorBody)))]
 pub async fn proxy(
     State(p): State<Peers>,
     Path((name, _path)): Path<(String, String)>,

@@ -7,6 +7,11 @@ use crate::recorder::Exchange;
 
 fn matches(template: &str, path: &str) -> bool {
     let (t, p): (Vec<&str>, Vec<&str>) = (template.split('/').collect(), path.split('/').collect());
+    // A final `{path}` is the rest of the path (INTERFACES.md writes it `{path...}`).
+    if t.last() == Some(&"{path}") && p.len() >= t.len() - 1 {
+        let n = t.len() - 1;
+        return matches(&t[..n].join("/"), &p[..n].join("/"));
+    }
     t.len() == p.len()
         && t.iter()
             .zip(&p)
@@ -61,6 +66,10 @@ pub fn check(doc: &Value, x: &Exchange) -> Result<(), String> {
             ))
         };
     };
+    if content.contains_key("*/*") {
+        // Documented as anything (the proxy route answers whatever the workload does).
+        return Ok(());
+    }
     if !x.content_type.starts_with("application/json") {
         return match content
             .keys()
@@ -115,6 +124,10 @@ mod tests {
         assert!(matches("/api/v1/vms/{name}", "/api/v1/vms/web"));
         assert!(!matches("/api/v1/vms/{name}", "/api/v1/vms/web/start"));
         assert!(!matches("/api/v1/vms/{name}", "/api/v1/vms/"));
+        let proxy = "/api/v1/vms/{name}/proxy/{path}";
+        assert!(matches(proxy, "/api/v1/vms/web/proxy/"));
+        assert!(matches(proxy, "/api/v1/vms/web/proxy/a/b/c"));
+        assert!(!matches(proxy, "/api/v1/vms/web/other/a"));
         assert!(matches(
             "/api/v1/vms/{name}/ports/{host_port}",
             "/api/v1/vms/a/ports/80"

@@ -163,6 +163,12 @@ async fn a_vm_through_volar_and_curl() {
     // curl the VM itself, and read its console.
     let (_, page) = fd.cp.host.http_get("192.168.127.100:80", "/").unwrap();
     assert!(page.contains("Hello from Volant"), "{page}");
+    // The same page through the gateway's proxy route (bridge mode: the VM's address).
+    let (code, page) = fd.curl("GET", "/vms/web/proxy/", None, false);
+    assert_eq!(code, 200, "{page}");
+    assert!(page.contains("Hello from Volant"), "{page}");
+    let (code, page) = fd.curl("GET", "/vms/web/proxy/cgi-bin/whoami?x=1", None, false);
+    assert_eq!(code, 200, "{page}");
     let r = fd.volar(&["vms", "logs", "web"]);
     assert!(
         r.out.contains("kestrel: ready ip=192.168.127.100/24"),
@@ -317,6 +323,20 @@ async fn bad_input_gets_a_400_that_names_the_problem_at_every_endpoint() {
             Some(r#"{"name":"Bad_Name","plugin":"hello"}"#.into()),
             400,
             "lower-case",
+        ),
+        (
+            "GET",
+            "/vms/Bad_Name/proxy/".into(),
+            None,
+            400,
+            "lower-case",
+        ),
+        (
+            "GET",
+            "/vms/nope/proxy/x".into(),
+            None,
+            404,
+            "vm \"nope\" does not exist",
         ),
         (
             "POST",
