@@ -11,8 +11,11 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::rustls;
-use volant_services::api::proxy::v1::proxy_client::ProxyClient;
-use volant_services::api::proxy::v1::{EgressPolicy, RegisterVmRequest, Route};
+use volant_services::api::proxy::v1::EgressPolicy;
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::Proxyd;
 
 const SERVER: &str = "203.0.113.10";
 const DOWNLOAD: usize = 64 << 20;
@@ -214,17 +217,10 @@ fn start(cmd: &mut Command) -> Child {
 fn main() {
     let _ns = enter_netns();
     let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("run");
-    std::fs::create_dir_all(&run).unwrap();
-    let config = dir.path().join("volant.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "proxyd:\n  requests_per_second: 1000000\n  burst: 1000000\n  bytes_per_second: 100000000000\n  \
-             resolver:\n    static:\n      bench.example.test: {SERVER}\n"
-        ),
-    )
-    .unwrap();
+    let yaml = format!(
+        "proxyd:\n  requests_per_second: 1000000\n  burst: 1000000\n  bytes_per_second: 100000000000\n  \
+         resolver:\n    static:\n      bench.example.test: {SERVER}\n"
+    );
     let filter = dir.path().join("filter");
     std::fs::write(&filter, "^203\\.0\\.113\\.10$\n").unwrap();
     let tiny_conf = dir.path().join("tinyproxy.conf");
@@ -237,44 +233,19 @@ fn main() {
         ),
     )
     .unwrap();
-    let mut proxyd = start(
-        Command::new(env!("CARGO_BIN_EXE_proxyd"))
-            .args([
-                "--config",
-                config.to_str().unwrap(),
-                "--run-dir",
-                run.to_str().unwrap(),
-            ])
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .env("RUST_LOG", "warn"),
-    );
     let mut tiny = start(Command::new("tinyproxy").args(["-d", "-c", tiny_conf.to_str().unwrap()]));
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let t = tls();
         tokio::spawn(server(t.server.clone()));
-        let mut api = ProxyClient::new(volant_services::dial(&volant_services::Addr::Unix(run.join("proxyd.sock"))).unwrap());
-        let route = Route {
-            vm: "bench".into(),
-            cid: 3,
-            socket: run.join("vsock-3.sock").display().to_string(),
-            ingress_port: 8080,
-            egress: Some(EgressPolicy {
-                allow_outbound: true,
-                allowed_domains: vec!["bench.example.test".into()],
-                ..Default::default()
-            }),
-            egress_socket: String::new(),
+        let px = Proxyd::start(dir.path(), &yaml).await;
+        let policy = EgressPolicy {
+            allow_outbound: true,
+            allowed_domains: vec!["bench.example.test".into()],
+            ..Default::default()
         };
+        let egress = px.register("bench", 3, &px.run.join("vsock-3.sock"), policy).await.egress_socket;
         let deadline = Instant::now() + Duration::from_secs(10);
-        let egress = loop {
-            match api.register_vm(RegisterVmRequest { route: Some(route.clone()) }).await {
-                Ok(r) => break r.into_inner().route.unwrap().egress_socket,
-                Err(e) => assert!(Instant::now() < deadline, "proxyd did not start: {e}"),
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
         while tokio::net::TcpStream::connect("127.0.0.1:8888").await.is_err() {
             assert!(Instant::now() < deadline, "tinyproxy did not start");
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -287,8 +258,6 @@ fn main() {
         println!("| tinyproxy 1.11 (Filter, ConnectPort 443) | {td:.0} | {tt:.0} |");
         println!("| proxyd / tinyproxy | {:.2}× | {:.2}× |", pd / td, pt / tt);
     });
-    let _ = proxyd.kill();
     let _ = tiny.kill();
-    let _ = proxyd.wait();
     let _ = tiny.wait();
 }

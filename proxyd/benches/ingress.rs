@@ -4,7 +4,7 @@
 //! for latency, eight for throughput; bodies of 1 KiB and 1 MiB go up and come back.
 //! `cargo bench -p proxyd --bench ingress` (as root or not; no namespace needed).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -12,38 +12,14 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UnixListener, UnixStream};
-use volant_services::api::proxy::v1::proxy_client::ProxyClient;
-use volant_services::api::proxy::v1::{EgressPolicy, RegisterVmRequest, Route};
+use tokio::net::UnixStream;
+use volant_services::api::proxy::v1::EgressPolicy;
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::{Mode, Proxyd, endpoint};
 
 const CLIENTS: usize = 8;
-
-/// The host-side endpoint: the handshake, then an HTTP/1.1 echo server per connection.
-async fn endpoint(path: PathBuf) {
-    let listener = UnixListener::bind(&path).unwrap();
-    loop {
-        let (mut s, _) = listener.accept().await.unwrap();
-        tokio::spawn(async move {
-            let mut line = Vec::new();
-            let mut b = [0u8; 1];
-            while s.read(&mut b).await.unwrap_or(0) == 1 && b[0] != b'\n' {
-                line.push(b[0]);
-            }
-            if !line.starts_with(b"CONNECT ") {
-                return;
-            }
-            s.write_all(b"OK 1073741824\n").await.unwrap();
-            let svc = hyper::service::service_fn(
-                |req: hyper::Request<hyper::body::Incoming>| async move {
-                    Ok::<_, hyper::Error>(hyper::Response::new(req.into_body()))
-                },
-            );
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(s), svc)
-                .await;
-        });
-    }
-}
 
 async fn client(path: &Path, handshake: bool) -> SendRequest<Full<Bytes>> {
     let mut s = UnixStream::connect(path).await.unwrap();
@@ -127,46 +103,12 @@ async fn throughput(
 #[tokio::main]
 async fn main() {
     let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("run");
-    std::fs::create_dir_all(&run).unwrap();
+    let px = Proxyd::start(dir.path(), "").await;
+    let run = px.run.clone();
     let hybrid = run.join("vsock-3.sock");
-    tokio::spawn(endpoint(hybrid.clone()));
-    let config = dir.path().join("volant.yaml");
-    std::fs::write(&config, "").unwrap();
-    let mut proxyd = std::process::Command::new(env!("CARGO_BIN_EXE_proxyd"))
-        .args([
-            "--config",
-            config.to_str().unwrap(),
-            "--run-dir",
-            run.to_str().unwrap(),
-        ])
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap();
-    let grpc =
-        volant_services::dial(&volant_services::Addr::Unix(run.join("proxyd.sock"))).unwrap();
-    let mut api = ProxyClient::new(grpc);
-    let route = Route {
-        vm: "bench".into(),
-        cid: 3,
-        socket: hybrid.display().to_string(),
-        ingress_port: 8080,
-        egress: Some(EgressPolicy::default()),
-        egress_socket: String::new(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while api
-        .register_vm(RegisterVmRequest {
-            route: Some(route.clone()),
-        })
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "proxyd did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    endpoint(hybrid.clone(), Mode::Serve);
+    px.register("bench", 3, &hybrid, EgressPolicy::default())
+        .await;
     let ingress = run.join("proxyd-ingress.sock");
     let secs = Duration::from_secs(3);
     println!("| body | path | p50 µs | p99 µs | req/s ({CLIENTS} clients) | MB/s each way |");
@@ -205,6 +147,4 @@ async fn main() {
             rates[1] / rates[0]
         );
     }
-    let _ = proxyd.kill();
-    let _ = proxyd.wait();
 }

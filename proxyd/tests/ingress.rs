@@ -1,0 +1,205 @@
+//! proxyd on its own: the real binary in front of host-side hybrid-vsock endpoints. Routing,
+//! keep-alive reuse, hop-by-hop headers, the errors it answers itself, bad registrations, and a
+//! `kill -9` followed by a restart (routes and egress listeners come back from its store).
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use common::{Mode, Proxyd, endpoint};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+use volant_services::api::proxy::v1::{
+    EgressPolicy, ListRoutesRequest, RegisterVmRequest, Route, UnregisterVmRequest,
+};
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn client(ingress: &Path) -> Sender {
+    let s = tokio::net::UnixStream::connect(ingress).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+async fn send(c: &mut Sender, req: hyper::Request<Full<Bytes>>) -> (u16, hyper::HeaderMap, String) {
+    c.ready().await.unwrap();
+    let res = c.send_request(req).await.unwrap();
+    let (parts, body) = res.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (
+        parts.status.as_u16(),
+        parts.headers,
+        String::from_utf8_lossy(&body).to_string(),
+    )
+}
+
+fn get(path: &str) -> hyper::Request<Full<Bytes>> {
+    hyper::Request::get(path)
+        .header("host", "x")
+        .body(Full::default())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingress_routes_reuses_refuses_and_survives_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut px = Proxyd::start(dir.path(), "proxyd:\n  max_body_bytes: 1048576\n").await;
+    let good = px.run.join("vsock-3.sock");
+    let dead = px.run.join("vsock-4.sock");
+    let connections = endpoint(good.clone(), Mode::Serve);
+    endpoint(dead.clone(), Mode::Refuse);
+    let web = px.register("web", 3, &good, EgressPolicy::default()).await;
+    assert_eq!(web.egress_socket, format!("{}_3128", good.display()));
+    assert!(Path::new(&web.egress_socket).exists());
+    px.register("dead", 4, &dead, EgressPolicy::default()).await;
+    let ingress = px.run.join("proxyd-ingress.sock");
+
+    // Routing and keep-alive: ten requests, one vsock connection.
+    let mut c = client(&ingress).await;
+    for _ in 0..10 {
+        let (code, headers, _) = send(&mut c, get("/api/v1/vms/web/proxy/hello?x=1")).await;
+        assert_eq!(code, 200);
+        assert_eq!(headers["x-seen-path"], "/hello?x=1");
+    }
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        1,
+        "idle connections are reused"
+    );
+
+    // Hop-by-hop headers and proxy credentials stay on this hop; others pass.
+    let req = hyper::Request::post("/api/v1/vms/web/proxy/echo")
+        .header("host", "x")
+        .header("proxy-authorization", "Basic c2VjcmV0")
+        .header("keep-alive", "timeout=5")
+        .header("x-custom", "kept")
+        .body(Full::new(Bytes::from_static(b"ping")))
+        .unwrap();
+    let (code, headers, body) = send(&mut c, req).await;
+    assert_eq!((code, body.as_str()), (200, "ping"));
+    assert_eq!(headers["x-seen-proxy-authorization"], "false");
+    assert_eq!(headers["x-seen-keep-alive"], "false");
+    assert_eq!(headers["x-seen-custom"], "kept");
+
+    // The errors proxyd answers itself.
+    let (code, _, body) = send(&mut c, get("/api/v1/vms/dead/proxy/")).await;
+    assert_eq!(code, 502, "{body}");
+    assert!(
+        body.contains("nothing listens on vsock port 8080"),
+        "{body}"
+    );
+    let (code, _, body) = send(&mut c, get("/api/v1/vms/ghost/proxy/")).await;
+    assert_eq!(code, 404, "{body}");
+    assert!(
+        body.contains("\"error\"") && body.contains("ghost"),
+        "{body}"
+    );
+    let (code, _, body) = send(&mut c, get("/elsewhere")).await;
+    assert_eq!(code, 404, "{body}");
+    // A body announced over the limit is refused before it is sent (the head alone goes out).
+    let mut raw = tokio::net::UnixStream::connect(&ingress).await.unwrap();
+    raw.write_all(
+        b"POST /api/v1/vms/web/proxy/echo HTTP/1.1\r\nhost: x\r\ncontent-length: 1048577\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = vec![0u8; 12];
+    raw.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 413");
+
+    // Bad registrations change nothing.
+    let mut api = px.api();
+    let bad = |vm: &str, cid: u32, socket: &str, domains: &[&str]| RegisterVmRequest {
+        route: Some(Route {
+            vm: vm.into(),
+            cid,
+            socket: socket.into(),
+            ingress_port: 8080,
+            egress: Some(EgressPolicy {
+                allowed_domains: domains.iter().map(|d| d.to_string()).collect(),
+                ..Default::default()
+            }),
+            egress_socket: String::new(),
+        }),
+    };
+    let sock = px.run.join("vsock-9.sock").display().to_string();
+    for (req, code, want) in [
+        (
+            bad("Bad_Name", 9, &sock, &[]),
+            Code::InvalidArgument,
+            "lower-case",
+        ),
+        (bad("x", 2, &sock, &[]), Code::InvalidArgument, "start at 3"),
+        (
+            bad("x", 9, "relative.sock", &[]),
+            Code::InvalidArgument,
+            "absolute path",
+        ),
+        (
+            bad("x", 9, &sock, &["not a name"]),
+            Code::InvalidArgument,
+            "allowed_domains",
+        ),
+        (
+            bad("x", 3, &sock, &[]),
+            Code::AlreadyExists,
+            "belong to vm \"web\"",
+        ),
+    ] {
+        let e = api.register_vm(req).await.unwrap_err();
+        assert_eq!(e.code(), code, "{}", e.message());
+        assert!(e.message().contains(want), "{}", e.message());
+    }
+    let routes = api
+        .list_routes(ListRoutesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .routes;
+    assert_eq!(routes.len(), 2);
+
+    // kill -9 and restart: the routes and egress listeners come back.
+    px.crash_and_restart().await;
+    let routes = px
+        .api()
+        .list_routes(ListRoutesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .routes;
+    assert_eq!(
+        routes.iter().map(|r| r.vm.as_str()).collect::<Vec<_>>(),
+        ["dead", "web"]
+    );
+    assert!(
+        std::os::unix::net::UnixStream::connect(&web.egress_socket).is_ok(),
+        "egress listens again"
+    );
+    let (code, _, _) = send(&mut client(&ingress).await, get("/api/v1/vms/web/proxy/")).await;
+    assert_eq!(code, 200);
+
+    // Unregistering is exact and idempotent.
+    let mut api = px.api();
+    let gone = api
+        .unregister_vm(UnregisterVmRequest { vm: "web".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(gone.existed);
+    assert!(!Path::new(&web.egress_socket).exists());
+    let again = api
+        .unregister_vm(UnregisterVmRequest { vm: "web".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!again.existed);
+    let (code, _, _) = send(&mut client(&ingress).await, get("/api/v1/vms/web/proxy/")).await;
+    assert_eq!(code, 404);
+}
