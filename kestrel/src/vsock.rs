@@ -3,7 +3,7 @@
 //! forwarder on 127.0.0.1:3128 that carries each connection to the host's egress proxy (CID 2).
 //! Both splice raw bytes, so WebSocket and anything else pass.
 
-use tokio::io::copy_bidirectional;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_vsock::{VMADDR_CID_ANY, VMADDR_CID_HOST, VsockAddr, VsockListener, VsockStream};
 
@@ -20,9 +20,9 @@ pub fn ingress(port: u32, http_port: u16) -> Result<(), String> {
                 continue;
             };
             tokio::spawn(async move {
-                if let Ok(mut workload) = TcpStream::connect(("127.0.0.1", http_port)).await {
+                if let Ok(workload) = TcpStream::connect(("127.0.0.1", http_port)).await {
                     let _ = workload.set_nodelay(true);
-                    let _ = copy_bidirectional(&mut guest_side, &mut workload).await;
+                    splice(&mut guest_side, workload).await;
                 }
             });
         }
@@ -37,7 +37,7 @@ pub async fn egress(port: u32) -> Result<(), String> {
         .map_err(|e| format!("listening on 127.0.0.1:3128: {e}"))?;
     tokio::spawn(async move {
         loop {
-            let Ok((mut local, _)) = listener.accept().await else {
+            let Ok((local, _)) = listener.accept().await else {
                 continue;
             };
             tokio::spawn(async move {
@@ -45,10 +45,31 @@ pub async fn egress(port: u32) -> Result<(), String> {
                 if let Ok(mut host) =
                     VsockStream::connect(VsockAddr::new(VMADDR_CID_HOST, port)).await
                 {
-                    let _ = copy_bidirectional(&mut local, &mut host).await;
+                    splice(&mut host, local).await;
                 }
             });
         }
     });
     Ok(())
+}
+
+/// Carries bytes both ways between a vsock stream and a local TCP connection until either side
+/// is done, then closes both. Not a half-close: the host's vsock backends (vhost-device-vsock)
+/// drop a guest's one-way shutdown, so the host would never learn that the local side finished;
+/// a full close reaches it.
+async fn splice(vsock: &mut VsockStream, mut local: TcpStream) {
+    let (mut vr, mut vw) = vsock.split();
+    let (mut lr, mut lw) = local.split();
+    let inbound = async {
+        let _ = tokio::io::copy(&mut vr, &mut lw).await;
+        let _ = lw.shutdown().await;
+    };
+    let outbound = async {
+        let _ = tokio::io::copy(&mut lr, &mut vw).await;
+    };
+    tokio::select! {
+        () = inbound => {}
+        () = outbound => {}
+    }
+    let _ = VsockStream::shutdown(vsock, std::net::Shutdown::Both);
 }

@@ -477,8 +477,15 @@ async fn vsock_vms_reach_and_are_reached_only_through_the_proxies() {
             "resolves to 10.99.0.2, which is private",
         ),
     ] {
-        let (code, text, _) = connect(&ns, "sec", target).await;
+        let (code, text, mut io) = connect(&ns, "sec", target).await;
         assert_eq!(code, 403, "{target}: {text}");
+        // proxyd closes a refused connection, and the close travels back through the guest.
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), io.read_to_end(&mut rest)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0))),
+            "{target}: still open: {closed:?}"
+        );
         assert!(text.contains(want), "{target}: {text}");
     }
     let (code, text, tunnel) = connect(&ns, "sec", "api.example.test:443").await;
