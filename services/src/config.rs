@@ -248,6 +248,13 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_sample_parses() {
+        let c = Config::parse(include_str!("../../deploy/volant.yaml")).unwrap();
+        assert!(c.unknown.is_empty(), "{:?}", c.unknown.keys());
+        assert_eq!(c.networking.bridge, Bridge::default());
+    }
+
+    #[test]
     fn proxyd_resolver() {
         let c = Config::parse(
             "proxyd:\n  resolver:\n    static:\n      api.example.com: 203.0.113.7\n",
