@@ -22,7 +22,7 @@ use volant_services::api::proxy::v1::{GetStatsRequest, ListRoutesRequest};
 use volant_services::api::vmm::v1::{
     CreateVmRequest, DeleteVmRequest, GetVmRequest, InstallPluginRequest,
 };
-use volant_tests::{ControlPlane, guest_dir, host_and_upstream, in_netns, ready};
+use volant_tests::{ControlPlane, guest_dir, hello_manifest, host_and_upstream, in_netns, ready};
 
 const UPSTREAM: &str = "203.0.113.10";
 const GATEWAY: &str = "127.0.0.1:8080";
@@ -334,8 +334,13 @@ async fn vsock_vms_reach_and_are_reached_only_through_the_proxies() {
         .await
         .unwrap();
     }
-    let (mut v1, mut v2) = (vmm.clone(), vmm.clone());
-    let (a, b) = tokio::join!(
+    vmm.install_plugin(InstallPluginRequest {
+        manifest_json: hello_manifest(),
+    })
+    .await
+    .unwrap();
+    let (mut v1, mut v2, mut v3) = (vmm.clone(), vmm.clone(), vmm.clone());
+    let (a, b, c) = tokio::join!(
         v1.create_vm(CreateVmRequest {
             name: "sec".into(),
             plugin: "secure".into(),
@@ -346,7 +351,16 @@ async fn vsock_vms_reach_and_are_reached_only_through_the_proxies() {
             plugin: "closed".into(),
             ..Default::default()
         }),
+        // A bridge plugin asked for vsock: the request's mode wins over the manifest's.
+        v3.create_vm(CreateVmRequest {
+            name: "plain".into(),
+            plugin: "hello".into(),
+            network: "vsock".into(),
+            ..Default::default()
+        }),
     );
+    let plain = c.unwrap().into_inner().vm.unwrap();
+    assert_eq!(plain.network_mode, "vsock");
     let (sec, shut) = (
         a.unwrap().into_inner().vm.unwrap(),
         b.unwrap().into_inner().vm.unwrap(),
@@ -359,8 +373,13 @@ async fn vsock_vms_reach_and_are_reached_only_through_the_proxies() {
         ),
         ("vsock", "", "")
     );
-    let cids = [sec.vsock_cid, shut.vsock_cid];
-    assert!(cids.contains(&3) && cids.contains(&4), "cids {cids:?}");
+    let mut cids = [sec.vsock_cid, shut.vsock_cid, plain.vsock_cid];
+    cids.sort_unstable();
+    assert_eq!(
+        cids,
+        [3, 4, 5],
+        "each VM its own context id, the lowest free"
+    );
     assert!(
         sec.vsock_socket
             .ends_with(&format!("vsock-{}.sock", sec.vsock_cid)),
@@ -368,12 +387,17 @@ async fn vsock_vms_reach_and_are_reached_only_through_the_proxies() {
         sec.vsock_socket
     );
     let limit = Duration::from_secs(90);
-    let (r1, r2) = tokio::join!(
+    let (r1, r2, r3) = tokio::join!(
         ready(vmm.clone(), "sec".into(), 1, limit),
-        ready(vmm.clone(), "shut".into(), 1, limit)
+        ready(vmm.clone(), "shut".into(), 1, limit),
+        ready(vmm.clone(), "plain".into(), 1, limit)
     );
     r1.unwrap();
     r2.unwrap();
+    r3.unwrap();
+    let (code, page) = get(&cp.host.name, "/api/v1/vms/plain/proxy/").await;
+    assert_eq!(code, 200, "{page}");
+    assert!(page.contains("Hello from Volant"), "{page}");
 
     // No network device in the guest: kestrel lists its interfaces on the console.
     let console =
@@ -539,7 +563,7 @@ async fn vsock_vms_reach_and_are_reached_only_through_the_proxies() {
     }
 
     // Delete: no route, no backend, no socket left; the context ids are free again.
-    for name in ["sec", "shut"] {
+    for name in ["sec", "shut", "plain"] {
         vmm.delete_vm(DeleteVmRequest {
             name: name.into(),
             force: false,
