@@ -183,7 +183,7 @@ mod tests {
     use tokio::net::UnixListener;
 
     use super::*;
-    use crate::driver::Nic;
+    use crate::driver::{Nic, Vsock};
     use crate::records::Paths;
 
     type Seen = Arc<Mutex<Vec<(String, String, Value)>>>;
@@ -296,5 +296,30 @@ mod tests {
         assert_eq!(config["net"][0]["mac"], "02:00:00:00:00:01");
         assert_eq!(config["serial"]["mode"], "File");
         assert_eq!(config["console"]["mode"], "Off");
+        assert!(config.get("vsock").is_none());
+    }
+
+    #[test]
+    fn a_vsock_vm_gets_a_vsock_device_and_no_nic() {
+        let paths = Paths::of(Path::new("/s"), Path::new("/run/volant"), "safe");
+        let spec = LaunchSpec {
+            name: "safe",
+            kernel: "/k",
+            initramfs: "/i",
+            cmdline: "console=ttyS0 volant.mode=vsock",
+            cpus: 1,
+            memory_mb: 128,
+            vsock: Some(Vsock {
+                cid: 7,
+                socket: "/run/volant/vsock-7.sock".into(),
+            }),
+            nic: None,
+            paths: &paths,
+            accel: "kvm",
+        };
+        let config = vm_config(&spec);
+        assert_eq!(config["vsock"]["cid"], 7);
+        assert_eq!(config["vsock"]["socket"], "/run/volant/vsock-7.sock");
+        assert!(config.get("net").is_none());
     }
 }

@@ -252,5 +252,36 @@ mod tests {
             assert!(a.contains(want), "{want} missing from {a}");
         }
         assert!(!a.contains("-cpu host"), "no host CPU under TCG");
+        assert!(!a.contains("vsock"), "no vsock device in bridge mode");
+    }
+
+    #[test]
+    fn arguments_for_a_vsock_vm() {
+        let paths = Paths::of(Path::new("/s"), Path::new("/run/volant"), "safe");
+        let spec = LaunchSpec {
+            name: "safe",
+            kernel: "/k",
+            initramfs: "/i",
+            cmdline: "console=ttyS0 volant.mode=vsock",
+            cpus: 1,
+            memory_mb: 256,
+            nic: None,
+            vsock: Some(Vsock {
+                cid: 3,
+                socket: "/run/volant/vsock-3.sock".into(),
+            }),
+            paths: &paths,
+            accel: "tcg",
+        };
+        let a = args(&spec).join(" ");
+        for want in [
+            "-machine pc,memory-backend=mem",
+            "-object memory-backend-memfd,id=mem,size=256M,share=on",
+            "-chardev socket,id=vsock0,path=/run/volant/vhost-vsock-safe.sock",
+            "-device vhost-user-vsock-pci,chardev=vsock0",
+        ] {
+            assert!(a.contains(want), "{want} missing from {a}");
+        }
+        assert!(!a.contains("-netdev"), "no network device in vsock mode");
     }
 }
