@@ -68,7 +68,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    daemon::exit("gateway", run(Args::parse()).await)
+fn main() -> ExitCode {
+    let args = Args::parse();
+    daemon::main("gateway", || run(args))
 }

@@ -27,7 +27,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     daemon.serve(Services::default().with(service)).await
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    daemon::exit("netd", run(Args::parse()).await)
+fn main() -> ExitCode {
+    let args = Args::parse();
+    daemon::main("netd", || run(args))
 }

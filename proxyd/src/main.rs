@@ -83,7 +83,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     result
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    daemon::exit("proxyd", run(Args::parse()).await)
+fn main() -> ExitCode {
+    let args = Args::parse();
+    daemon::main("proxyd", || run(args))
 }

@@ -105,7 +105,11 @@ impl Routes {
         defaults: Defaults,
         egress: Arc<Egress>,
     ) -> anyhow::Result<Routes> {
-        let db = sled::open(state_dir.join("routes.sled"))?;
+        // A few routes: a small cache keeps the daemon small.
+        let db = sled::Config::new()
+            .path(state_dir.join("routes.sled"))
+            .cache_capacity(4 << 20)
+            .open()?;
         let tree = db.open_tree("routes")?;
         let routes = Routes {
             tree,

@@ -286,8 +286,24 @@ pub fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Runs a daemon: transparent huge pages off for the process first (an allocator that commits
+/// memory in large arenas, like mimalloc, would otherwise turn each first touch into 2 MiB of
+/// resident memory), then `run` on a multi-threaded Tokio runtime; its error becomes the exit
+/// code as [`exit`] says.
+pub fn main<F: Future<Output = anyhow::Result<()>>>(
+    name: &str,
+    run: impl FnOnce() -> F,
+) -> std::process::ExitCode {
+    // SAFETY: prctl(PR_SET_THP_DISABLE) only sets a flag of this process.
+    unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => exit(name, rt.block_on(run())),
+        Err(e) => exit(name, Err(anyhow::Error::new(e).context("starting the runtime"))),
+    }
+}
+
 /// Prints a daemon's fatal error the way an operator reads it and turns it into an exit code.
-pub fn exit(name: &str, result: anyhow::Result<()>) -> std::process::ExitCode {
+fn exit(name: &str, result: anyhow::Result<()>) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -145,7 +145,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     daemon.serve(Services::default().with(service)).await
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    daemon::exit("vmmd", run(Args::parse()).await)
+fn main() -> ExitCode {
+    let args = Args::parse();
+    daemon::main("vmmd", || run(args))
 }
