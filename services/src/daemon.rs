@@ -296,9 +296,15 @@ pub fn main<F: Future<Output = anyhow::Result<()>>>(
 ) -> std::process::ExitCode {
     // SAFETY: prctl(PR_SET_THP_DISABLE) only sets a flag of this process.
     unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
-    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => exit(name, rt.block_on(run())),
-        Err(e) => exit(name, Err(anyhow::Error::new(e).context("starting the runtime"))),
+        Err(e) => exit(
+            name,
+            Err(anyhow::Error::new(e).context("starting the runtime")),
+        ),
     }
 }
 
