@@ -32,10 +32,17 @@ pub struct Peers {
     pub ingress: volant_services::addr::Addr,
 }
 
-/// A request with a deadline.
+tokio::task_local! {
+    /// The VM the REST request being served is about (from its path), so that the spans of the
+    /// gRPC calls it makes carry the VM's name.
+    pub static VM: String;
+}
+
+/// A request with a deadline, about the current REST request's VM if it has one.
 pub fn req<T>(msg: T, deadline: Duration) -> Request<T> {
     let mut r = Request::new(msg);
     r.set_timeout(deadline);
+    let _ = VM.try_with(|vm| volant_services::telemetry::about_vm(&mut r, vm));
     r
 }
 

@@ -12,7 +12,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::error::ApiError;
-use crate::peers::Peers;
+use crate::peers::{self, Peers};
 use crate::{networks, plugins, proxy, system, vms};
 
 /// The largest request body accepted.
@@ -53,11 +53,33 @@ async fn trace(req: Request, next: Next) -> Response {
         http.route = %route,
         http.response.status_code = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+        vm = tracing::field::Empty,
     );
     volant_services::telemetry::continue_trace(&span, req.headers());
-    let res = next.run(req).instrument(span.clone()).await;
-    span.record("http.response.status_code", res.status().as_u16());
-    if res.status().is_server_error() {
+    let vm = req
+        .uri()
+        .path()
+        .strip_prefix("/api/v1/vms/")
+        .and_then(|rest| rest.split('/').next())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_default()
+        .to_string();
+    if !vm.is_empty() {
+        span.record("vm", vm.as_str());
+    }
+    let res = peers::VM
+        .scope(vm, next.run(req))
+        .instrument(span.clone())
+        .await;
+    let status = res.status();
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_client_error() || status.is_server_error() {
+        span.record("outcome", status.as_str());
+    } else {
+        span.record("outcome", "ok");
+    }
+    if status.is_server_error() {
         span.record("otel.status_code", "ERROR");
     }
     res

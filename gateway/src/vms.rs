@@ -78,12 +78,11 @@ pub async fn create(
         ip: b.ip.unwrap_or_default(),
         kernel_cmdline: b.kernel_cmdline.unwrap_or_default(),
     };
-    let vm = p
-        .vmm
-        .clone()
-        .create_vm(req(r, LIFECYCLE))
-        .await
-        .by("vmmd")?;
+    tracing::Span::current().record("vm", r.name.as_str());
+    let mut call = req(r, LIFECYCLE);
+    let name = call.get_ref().name.clone();
+    volant_services::telemetry::about_vm(&mut call, &name);
+    let vm = p.vmm.clone().create_vm(call).await.by("vmmd")?;
     Ok((StatusCode::CREATED, vm_of(vm.into_inner().vm)?))
 }
 

@@ -113,6 +113,26 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
+/// The gRPC metadata key that names the VM a call is about; the trace layer records it on the
+/// call's spans (client and server) as the `vm` attribute.
+pub const VM_KEY: &str = "volant-vm";
+
+/// Names the VM a call is about, for the trace (see [`VM_KEY`]).
+pub fn about_vm<T>(req: &mut tonic::Request<T>, vm: &str) {
+    if let Ok(v) = vm.parse() {
+        req.metadata_mut().insert(VM_KEY, v);
+    }
+}
+
+/// The outcome attribute of a gRPC status code: `ok`, or the code's name.
+fn outcome(code: &str) -> String {
+    match code.parse::<i32>().map(tonic::Code::from) {
+        Ok(tonic::Code::Ok) => "ok".into(),
+        Ok(c) => format!("{c:?}"),
+        Err(_) => code.into(),
+    }
+}
+
 /// Makes `span` continue the W3C trace context found in `headers` (a request without one starts
 /// a new trace).
 pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
@@ -179,6 +199,12 @@ where
             Side::Client => "client",
             Side::Server => "server",
         };
+        let vm = req
+            .headers()
+            .get(VM_KEY)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
         let span = tracing::info_span!(
             "grpc",
             otel.name = %path,
@@ -188,7 +214,12 @@ where
             rpc.method = %method,
             rpc.grpc.status_code = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            vm = tracing::field::Empty,
         );
+        if !vm.is_empty() {
+            span.record("vm", vm.as_str());
+        }
         match self.side {
             Side::Client => inject_trace(&span, req.headers_mut()),
             Side::Server => continue_trace(&span, req.headers()),
@@ -206,12 +237,19 @@ where
                         .and_then(|v| v.to_str().ok())
                     {
                         recorder.record("rpc.grpc.status_code", code);
+                        recorder.record("outcome", outcome(code).as_str());
                         if code != "0" {
                             recorder.record("otel.status_code", "ERROR");
                         }
+                    } else {
+                        // Errors of unary calls come as headers (trailers-only); an answer
+                        // without one is a success (a stream's end status is not waited for).
+                        recorder.record("rpc.grpc.status_code", "0");
+                        recorder.record("outcome", "ok");
                     }
                 } else {
                     recorder.record("otel.status_code", "ERROR");
+                    recorder.record("outcome", "transport error");
                 }
                 result
             }

@@ -21,6 +21,13 @@ fn req<T>(msg: T) -> Request<T> {
     r
 }
 
+/// A request about VM `vm`: its spans carry the VM's name.
+fn req_vm<T>(msg: T, vm: &str) -> Request<T> {
+    let mut r = req(msg);
+    volant_services::telemetry::about_vm(&mut r, vm);
+    r
+}
+
 fn named(peer: &'static str) -> impl Fn(Status) -> Status {
     move |s| Status::new(s.code(), format!("{peer}: {}", s.message()))
 }
@@ -57,7 +64,12 @@ impl Peers {
     pub async fn register_route(&self, route: proxy::Route) -> Result<(), Status> {
         self.proxy
             .clone()
-            .register_vm(req(proxy::RegisterVmRequest { route: Some(route) }))
+            .register_vm(req_vm(
+                proxy::RegisterVmRequest {
+                    route: Some(route.clone()),
+                },
+                &route.vm,
+            ))
             .await
             .map(drop)
             .map_err(named("proxyd"))
@@ -67,7 +79,7 @@ impl Peers {
     pub async fn unregister_route(&self, vm: &str) -> Result<(), Status> {
         self.proxy
             .clone()
-            .unregister_vm(req(proxy::UnregisterVmRequest { vm: vm.into() }))
+            .unregister_vm(req_vm(proxy::UnregisterVmRequest { vm: vm.into() }, vm))
             .await
             .map(drop)
             .map_err(named("proxyd"))
@@ -98,11 +110,14 @@ impl Peers {
         let reply = self
             .ipam
             .clone()
-            .allocate(req(ipam::AllocateRequest {
-                pool: network.into(),
-                vm: vm.into(),
-                requested_ip: requested.map(|ip| ip.to_string()),
-            }))
+            .allocate(req_vm(
+                ipam::AllocateRequest {
+                    pool: network.into(),
+                    vm: vm.into(),
+                    requested_ip: requested.map(|ip| ip.to_string()),
+                },
+                vm,
+            ))
             .await
             .map_err(named("ipamd"))?
             .into_inner();
@@ -121,7 +136,7 @@ impl Peers {
     pub async fn release_vm(&self, vm: &str) -> Result<(), Status> {
         self.ipam
             .clone()
-            .release_vm(req(ipam::ReleaseVmRequest { vm: vm.into() }))
+            .release_vm(req_vm(ipam::ReleaseVmRequest { vm: vm.into() }, vm))
             .await
             .map(drop)
             .map_err(named("ipamd"))
@@ -160,10 +175,13 @@ impl Peers {
         let reply = self
             .net
             .clone()
-            .create_tap(req(net::CreateTapRequest {
-                network: network.into(),
-                vm: vm.into(),
-            }))
+            .create_tap(req_vm(
+                net::CreateTapRequest {
+                    network: network.into(),
+                    vm: vm.into(),
+                },
+                vm,
+            ))
             .await
             .map_err(named("netd"))?
             .into_inner();
@@ -174,7 +192,7 @@ impl Peers {
     pub async fn delete_tap(&self, vm: &str) -> Result<(), Status> {
         self.net
             .clone()
-            .delete_tap(req(net::DeleteTapRequest { vm: vm.into() }))
+            .delete_tap(req_vm(net::DeleteTapRequest { vm: vm.into() }, vm))
             .await
             .map(drop)
             .map_err(named("netd"))
@@ -199,9 +217,12 @@ impl Peers {
     pub async fn remove_forwards(&self, vm: &str) -> Result<(), Status> {
         self.net
             .clone()
-            .remove_port_forward(req(net::RemovePortForwardRequest {
-                target: Some(net::remove_port_forward_request::Target::Vm(vm.into())),
-            }))
+            .remove_port_forward(req_vm(
+                net::RemovePortForwardRequest {
+                    target: Some(net::remove_port_forward_request::Target::Vm(vm.into())),
+                },
+                vm,
+            ))
             .await
             .map(drop)
             .map_err(named("netd"))

@@ -121,8 +121,12 @@ impl Driver for CloudHypervisor {
             format!("path={}", spec.paths.api_socket.display()),
         ];
         let (mut child, spawned_in) = {
-            let _span =
-                tracing::info_span!("hypervisor.spawn", hypervisor = "cloud-hypervisor").entered();
+            let _span = tracing::info_span!(
+                "hypervisor.spawn",
+                vm = spec.name,
+                hypervisor = "cloud-hypervisor"
+            )
+            .entered();
             spawn(&self.binary, &args, &spec.paths.hypervisor_log)?
         };
         let api = Api::new(&spec.paths.api_socket);
@@ -132,7 +136,7 @@ impl Driver for CloudHypervisor {
             READY_LIMIT,
             || async { api.call(Method::GET, "vmm.ping", None).await.map(drop) },
         )
-        .instrument(tracing::info_span!("hypervisor.ready"))
+        .instrument(tracing::info_span!("hypervisor.ready", vm = spec.name))
         .await?;
         if let Err(e) = api.create_and_boot(spec).await {
             let _ = child.start_kill();

@@ -149,15 +149,21 @@ impl Driver for Qemu {
         clear_socket(&spec.paths.api_socket);
         if let Some(v) = &spec.vsock {
             self.start_backend(spec, v)
-                .instrument(tracing::info_span!("vsock.backend", cid = v.cid))
+                .instrument(tracing::info_span!(
+                    "vsock.backend",
+                    vm = spec.name,
+                    cid = v.cid
+                ))
                 .await?;
         }
         let (mut child, spawned_in) = {
-            let _span = tracing::info_span!("hypervisor.spawn", hypervisor = "qemu").entered();
+            let _span =
+                tracing::info_span!("hypervisor.spawn", vm = spec.name, hypervisor = "qemu")
+                    .entered();
             spawn(&self.binary, &args(spec), &spec.paths.hypervisor_log)?
         };
         let api = spec.paths.api_socket.clone();
-        let ready = tracing::info_span!("hypervisor.ready");
+        let ready = tracing::info_span!("hypervisor.ready", vm = spec.name);
         wait_ready(&mut child, &spec.paths.hypervisor_log, READY_LIMIT, || {
             let api = api.clone();
             async move { Qmp::connect(&api).await.map(drop) }
