@@ -1,5 +1,6 @@
 //! gateway: Volant's public REST API, a thin translator to vmmd, ipamd and netd.
 
+mod doors;
 mod error;
 mod model;
 mod networks;
@@ -7,10 +8,12 @@ mod peers;
 mod plugins;
 mod proxy;
 mod router;
+mod serve;
 mod system;
 mod vms;
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 /// Many small, short-lived allocations per request (decoded messages, JSON): mimalloc serves
 /// them without the lock contention of the system allocator.
@@ -23,7 +26,7 @@ use tonic_health::pb::health_client::HealthClient;
 use volant_services::api::ipam::v1::ipam_client::IpamClient;
 use volant_services::api::net::v1::net_client::NetClient;
 use volant_services::api::vmm::v1::vmm_client::VmmClient;
-use volant_services::daemon::{self, Daemon, DaemonArgs, Listener};
+use volant_services::daemon::{self, Daemon, DaemonArgs};
 use volant_services::dial;
 
 /// Volant's REST API (`/api/v1/…`, `GET /api/v1/openapi.json` describes it). It reaches vmmd,
@@ -56,14 +59,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .collect(),
         ingress,
     };
-    let app = router::router(peers);
+    let g = &daemon.config.gateway;
+    let doors = doors::Doors::new(
+        &g.api_key_hashes,
+        g.requests_per_second.unwrap_or(1000),
+        g.burst.unwrap_or(2000),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let tls = match &g.tls {
+        Some(t) => {
+            let tls = serve::Tls::open(t.cert.clone(), t.key.clone())?;
+            tls.reload_on_sighup()?;
+            Some(tls)
+        }
+        None => None,
+    };
+    let app = router::router(peers, Arc::new(doors));
     daemon
         .run(move |listener, stop| async move {
-            match listener {
-                Listener::Tcp(l) => axum::serve(l, app).with_graceful_shutdown(stop).await,
-                Listener::Unix(l) => axum::serve(l, app).with_graceful_shutdown(stop).await,
-            }
-            .context("serving HTTP")
+            serve::serve(listener, app, tls, stop)
+                .await
+                .context("serving HTTP")
         })
         .await
 }

@@ -1,6 +1,8 @@
 //! The routes, the OpenAPI document generated from the handlers, request tracing, limits, and
 //! JSON answers for unknown paths and methods.
 
+use std::sync::Arc;
+
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::StatusCode;
@@ -11,6 +13,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::doors::{self, Doors};
 use crate::error::ApiError;
 use crate::peers::{self, Peers};
 use crate::{networks, plugins, proxy, system, vms};
@@ -110,8 +113,8 @@ async fn method_not_allowed(req: Request, next: Next) -> Response {
     res
 }
 
-/// The gateway's router over `peers`.
-pub fn router(peers: Peers) -> Router {
+/// The gateway's router over `peers`, behind `doors`.
+pub fn router(peers: Peers, doors: Arc<Doors>) -> Router {
     let (routes, api) = OpenApiRouter::with_openapi(Doc::openapi())
         .routes(routes!(system::health))
         .routes(routes!(system::events))
@@ -155,6 +158,7 @@ pub fn router(peers: Peers) -> Router {
         .route_layer(axum::middleware::from_fn(trace))
         .fallback(unknown_path)
         .layer(axum::middleware::from_fn(method_not_allowed))
+        .layer(axum::middleware::from_fn_with_state(doors, doors::guard))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(peers)
 }

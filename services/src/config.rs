@@ -29,7 +29,7 @@ pub struct Config {
     /// vmmd's own section.
     pub vmmd: VmmdConfig,
     /// The gateway's own section.
-    pub gateway: ServiceConfig,
+    pub gateway: GatewayConfig,
     /// proxyd's section.
     pub proxyd: ProxydConfig,
     /// Sections this build does not know; reported as a warning, not an error, so that one file
@@ -123,6 +123,35 @@ pub struct VmmdConfig {
     pub stop_timeout_secs: Option<u64>,
 }
 
+/// The gateway's section: where it listens and how it locks its doors.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// The state directory (unused today; accepted like every service's).
+    pub state_dir: Option<PathBuf>,
+    /// The listen address [default: tcp://127.0.0.1:8080].
+    pub listen: Option<Addr>,
+    /// SHA-256 hashes (hex) of the API keys; when any is set, every endpoint but
+    /// `/api/v1/health` needs `Authorization: Bearer <key>`.
+    pub api_key_hashes: Vec<String>,
+    /// TLS with these files (PEM); re-read on SIGHUP.
+    pub tls: Option<Tls>,
+    /// Requests per second and burst per client address [default: 1000, 2000].
+    pub requests_per_second: Option<u32>,
+    /// See `requests_per_second`.
+    pub burst: Option<u32>,
+}
+
+/// A certificate chain and its key, PEM files.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// The certificate chain.
+    pub cert: PathBuf,
+    /// The private key.
+    pub key: PathBuf,
+}
+
 /// proxyd's section: its two data planes and the egress rules' knobs.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -199,7 +228,10 @@ impl Config {
         match name {
             "ipamd" => Some(self.ipamd.clone()),
             "netd" => Some(self.netd.clone()),
-            "gateway" => Some(self.gateway.clone()),
+            "gateway" => Some(ServiceConfig {
+                state_dir: self.gateway.state_dir.clone(),
+                listen: self.gateway.listen.clone(),
+            }),
             "proxyd" => Some(ServiceConfig {
                 state_dir: self.proxyd.state_dir.clone(),
                 listen: self.proxyd.listen.clone(),

@@ -116,7 +116,15 @@ async fn run() {
     );
     let (host, up) = host_and_upstream();
     let env = [("RUST_LOG", "warn")];
-    let cp = ControlPlane::start_in(host, up, &env, "  stop_timeout_secs: 0").await;
+    // One client address for every connection: the per-client rate limit must not be measured.
+    let cp = ControlPlane::start_with_config(
+        host,
+        up,
+        &env,
+        "  stop_timeout_secs: 0",
+        "gateway:\n  requests_per_second: 1000000\n  burst: 1000000\n",
+    )
+    .await;
     let _gateway = cp.gateway(&env).await;
     let mut vmm = cp.vmm();
     vmm.install_plugin(InstallPluginRequest {

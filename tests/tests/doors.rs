@@ -1,0 +1,122 @@
+//! The gateway's locked doors, with curl against the real gateway: TLS (rustls) with its
+//! certificate re-read on SIGHUP, API keys configured as hashes (health stays open), and a
+//! request-rate limit per client.
+
+use std::path::Path;
+use std::time::Duration;
+
+use volant_tests::{ControlPlane, host_and_upstream};
+
+/// A CA and a `localhost` certificate it signed, written as PEM files under `dir` with `tag`.
+fn pki(dir: &Path, tag: &str) -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, format!("volant test CA {tag}"));
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let path = |name: &str| dir.join(format!("{tag}-{name}")).display().to_string();
+    std::fs::write(path("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(path("cert.pem"), leaf.pem()).unwrap();
+    std::fs::write(path("key.pem"), key.serialize_pem()).unwrap();
+    (path("ca.pem"), path("cert.pem"), path("key.pem"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_keys_and_a_rate_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca1, cert1, key1) = pki(dir.path(), "one");
+    let (ca2, cert2, key2) = pki(dir.path(), "two");
+    let (cert, key) = (
+        dir.path().join("cert.pem").display().to_string(),
+        dir.path().join("key.pem").display().to_string(),
+    );
+    std::fs::copy(&cert1, &cert).unwrap();
+    std::fs::copy(&key1, &key).unwrap();
+    // The config holds the key's hash, as an operator would write it.
+    let out = volant_tests::sh("printf %s s3cret-key | sha256sum");
+    let hash = out.split_whitespace().next().unwrap().to_string();
+    let (host, up) = host_and_upstream();
+    let sections = format!(
+        "gateway:\n  api_key_hashes: [{hash}]\n  tls: {{ cert: {cert}, key: {key} }}\n  \
+         requests_per_second: 5\n  burst: 20\n"
+    );
+    let cp = ControlPlane::start_with_config(host, up, &[], "", &sections).await;
+    let gateway = cp.gateway(&[]).await;
+    let curl = |args: &str| -> (bool, String) {
+        cp.host.try_sh(&format!(
+            "curl -sS -o /dev/stderr -w '%{{http_code}}' {args} 2>&1"
+        ))
+    };
+    let url = "https://localhost:8080/api/v1";
+
+    // TLS only, with the configured certificate.
+    let (ok, out) = curl(&format!("--cacert {ca1} {url}/health"));
+    assert!(ok && out.ends_with("200"), "{out}");
+    let (ok, out) = curl("http://localhost:8080/api/v1/health");
+    assert!(!ok || !out.ends_with("200"), "plain HTTP answered: {out}");
+    let (ok, _) = curl(&format!("--cacert {ca2} {url}/health"));
+    assert!(!ok, "a certificate from another CA was accepted");
+
+    // Keys: every endpoint but health needs one.
+    let (_, out) = curl(&format!("--cacert {ca1} -D - {url}/vms"));
+    assert!(out.ends_with("401"), "{out}");
+    assert!(
+        out.to_lowercase().contains("www-authenticate: bearer"),
+        "{out}"
+    );
+    assert!(out.contains("Authorization: Bearer"), "{out}");
+    let (_, out) = curl(&format!(
+        "--cacert {ca1} -H 'Authorization: Bearer wrong' {url}/vms"
+    ));
+    assert!(out.ends_with("401"), "{out}");
+    let (_, out) = curl(&format!(
+        "--cacert {ca1} -H 'Authorization: Bearer s3cret-key' {url}/vms"
+    ));
+    assert!(out.ends_with("200"), "{out}");
+    let (_, out) = curl(&format!(
+        "--cacert {ca1} -H 'Authorization: Bearer s3cret-key' {url}/networks"
+    ));
+    assert!(out.ends_with("200"), "{out}");
+
+    // SIGHUP: the new certificate serves new connections.
+    std::fs::copy(&cert2, &cert).unwrap();
+    std::fs::copy(&key2, &key).unwrap();
+    // SAFETY: kill(2) on the gateway this test started.
+    unsafe { libc::kill(gateway.pid() as i32, libc::SIGHUP) };
+    let mut reloaded = false;
+    for _ in 0..50 {
+        if curl(&format!("--cacert {ca2} {url}/health"))
+            .1
+            .ends_with("200")
+        {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(reloaded, "the certificate was not reloaded on SIGHUP");
+
+    // The rate limit: a burst of 20, then 5 a second, per client.
+    let mut codes = Vec::new();
+    for _ in 0..40 {
+        codes.push(curl(&format!("--cacert {ca2} {url}/health")).1);
+    }
+    let limited = codes.iter().filter(|c| c.ends_with("429")).count();
+    assert!(limited > 0, "no 429 in {codes:?}");
+    let (_, out) = curl(&format!("--cacert {ca2} -D - {url}/health"));
+    if out.ends_with("429") {
+        assert!(out.to_lowercase().contains("retry-after: 1"), "{out}");
+    }
+
+    // The key appears nowhere in the gateway's log.
+    assert!(
+        !gateway.log_text().contains("s3cret-key"),
+        "the API key was logged"
+    );
+}
