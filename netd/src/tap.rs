@@ -10,9 +10,14 @@ const IFF_VNET_HDR: libc::c_short = 0x4000;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 /// `_IOW('T', 203, int)`.
 const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+/// `_IOW('T', 204, int)`.
+const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
 
 /// Creates the persistent TAP `name` with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`. The device
 /// outlives the file descriptor, which is closed on return; a hypervisor attaches to it later.
+/// Its owner is netd's own user: only that user's processes (vmmd and the hypervisors it
+/// starts, which need no `CAP_NET_ADMIN` for it) or holders of `CAP_NET_ADMIN` may attach. An
+/// unowned TAP takes any local user who can open `/dev/net/tun`.
 pub fn create(name: &str) -> io::Result<()> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
         return Err(io::Error::new(
@@ -32,6 +37,17 @@ pub fn create(name: &str) -> io::Result<()> {
     req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short | IFF_VNET_HDR;
     // SAFETY: TUNSETIFF reads and writes one ifreq, which lives for the whole call.
     if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: TUNSETOWNER takes a uid by value; geteuid cannot fail.
+    if unsafe {
+        libc::ioctl(
+            tun.as_raw_fd(),
+            TUNSETOWNER,
+            libc::geteuid() as libc::c_ulong,
+        )
+    } < 0
+    {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: TUNSETPERSIST takes an integer argument by value.

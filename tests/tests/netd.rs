@@ -240,6 +240,11 @@ async fn taps_are_persistent_vnet_hdr_taps_on_the_bridge_and_touch_no_rule() {
         names.push(reply.tap);
     }
     assert_eq!(names[0], "vmtap-web");
+    // Owned by netd's user (root here): no other local user can attach to it.
+    assert_eq!(
+        lab.host.sh("cat /sys/class/net/vmtap-web/owner").trim(),
+        "0"
+    );
 
     let listed = lab
         .client
