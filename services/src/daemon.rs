@@ -132,6 +132,7 @@ impl Daemon {
         });
         let mut serving = tokio::spawn(serve(listener, stop));
         tracing::info!(listen = %self.listen, "{} serving", self.name);
+        notify_systemd("READY=1");
         let early = tokio::select! {
             _ = terminate.recv() => None,
             _ = interrupt.recv() => None,
@@ -141,6 +142,7 @@ impl Daemon {
             Some(r) => r.context("server task")?,
             None => {
                 tracing::info!("{} draining", self.name);
+                notify_systemd("STOPPING=1");
                 let _ = stop_tx.send(());
                 match tokio::time::timeout(DRAIN_TIMEOUT, serving).await {
                     Ok(r) => r.context("server task")?,
@@ -242,6 +244,25 @@ impl Services {
         self.names.push(S::NAME);
         self.routes = self.routes.add_service(svc);
         self
+    }
+}
+
+/// Tells systemd (`Type=notify` units) how the daemon is doing, when it runs under systemd:
+/// a datagram to `$NOTIFY_SOCKET` (a path, or an abstract name after `@`).
+fn notify_systemd(state: &str) {
+    use std::os::linux::net::SocketAddrExt as _;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let target = target.to_string_lossy().into_owned();
+    let addr = match target.strip_prefix('@') {
+        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+        None => SocketAddr::from_pathname(&target),
+    };
+    let sent = addr.and_then(|a| UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &a));
+    if let Err(e) = sent {
+        tracing::warn!("telling systemd {state:?} through {target}: {e}");
     }
 }
 

@@ -666,3 +666,27 @@ fn a_bad_config_or_address_stops_the_start_with_a_reason() {
         assert!(out.contains(why), "{args:?}: {out}");
     }
 }
+
+#[tokio::test]
+async fn a_daemon_tells_systemd_when_it_is_ready_and_when_it_stops() {
+    let root = tempfile::tempdir().unwrap();
+    let notify = root.path().join("notify.sock");
+    let systemd = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    systemd
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut d = Daemon::start_with(
+        None,
+        "ipamd",
+        root.path(),
+        &[],
+        &[("NOTIFY_SOCKET", notify.to_str().unwrap())],
+    )
+    .await;
+    let mut buf = [0u8; 64];
+    let n = systemd.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"READY=1");
+    assert!(d.terminate().success());
+    let n = systemd.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"STOPPING=1");
+}
