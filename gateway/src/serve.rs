@@ -130,6 +130,8 @@ pub async fn serve(
                 },
             );
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(30))
                 .serve_connection(TokioIo::new(io), TowerToHyperService::new(svc))
                 .with_upgrades();
             tokio::pin!(conn);
