@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use volant_tests::{ControlPlane, host_and_upstream};
+use volant_tests::{ControlPlane, bin, host_and_upstream};
 
 /// A CA and a `localhost` certificate it signed, written as PEM files under `dir` with `tag`.
 fn pki(dir: &Path, tag: &str) -> (String, String, String) {
@@ -83,6 +83,20 @@ async fn tls_keys_and_a_rate_limit() {
         "--cacert {ca1} -H 'Authorization: Bearer s3cret-key' {url}/networks"
     ));
     assert!(out.ends_with("200"), "{out}");
+
+    // volar speaks TLS with a private CA and sends its key.
+    let volar = |args: &str| {
+        cp.host.try_sh(&format!(
+            "{} --api https://localhost:8080 --cacert {ca1} {args} 2>&1",
+            bin("volar").display()
+        ))
+    };
+    let (ok, out) = volar("--token s3cret-key -o json networks list");
+    assert!(ok && out.contains("volant0"), "{out}");
+    let (ok, out) = volar("--token wrong vms list");
+    assert!(!ok && out.contains("valid API key"), "{out}");
+    let (ok, out) = volar("vms list");
+    assert!(!ok && out.contains("Authorization: Bearer"), "{out}");
 
     // SIGHUP: the new certificate serves new connections.
     std::fs::copy(&cert2, &cert).unwrap();

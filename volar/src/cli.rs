@@ -19,6 +19,9 @@ pub struct Cli {
     /// An API key, sent as `Authorization: Bearer <token>`.
     #[arg(long, global = true, env = "VOLANT_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// A PEM file of CA certificates to trust for an `https://` API, besides the system's.
+    #[arg(long, global = true, env = "VOLANT_CACERT")]
+    pub cacert: Option<std::path::PathBuf>,
     /// Output: tables for people, JSON for scripts.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,

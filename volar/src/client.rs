@@ -1,5 +1,6 @@
 //! The REST API as volar calls it: JSON in and out, the API's error message on failure.
 
+use std::path::Path;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
@@ -25,16 +26,32 @@ pub struct Api {
 }
 
 impl Api {
-    /// A client of the API at `base` (e.g. `http://127.0.0.1:8080`).
-    pub fn new(base: &str, token: Option<String>) -> Api {
-        Api {
+    /// A client of the API at `base` (e.g. `http://127.0.0.1:8080`, or `https://…`, trusting
+    /// the system's CAs and those in `cacert`).
+    pub fn new(base: &str, token: Option<String>, cacert: Option<&Path>) -> Result<Api, Failure> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut http = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
+        if let Some(path) = cacert {
+            let pem = std::fs::read(path)
+                .map_err(|e| Failure(format!("--cacert {}: {e}", path.display())))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                Failure(format!(
+                    "--cacert {}: not PEM certificates: {e}",
+                    path.display()
+                ))
+            })?;
+            for c in certs {
+                http = http.add_root_certificate(c);
+            }
+        }
+        let http = http
+            .build()
+            .map_err(|e| Failure(format!("setting up HTTPS: {e}")))?;
+        Ok(Api {
             base: base.trim_end_matches('/').to_string(),
             token,
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(5))
-                .build()
-                .expect("an HTTP client"),
-        }
+            http,
+        })
     }
 
     fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {

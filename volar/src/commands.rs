@@ -128,7 +128,7 @@ async fn wait_ready(api: &Api, name: &str, limit: Duration) -> Result<(), Failur
 
 /// Runs the command.
 pub async fn run(cli: Cli) -> Result<(), Failure> {
-    let api = Api::new(&cli.api, cli.token.clone());
+    let api = Api::new(&cli.api, cli.token.clone(), cli.cacert.as_deref())?;
     let out = cli.output;
     match cli.command {
         Command::Setup(Setup {
