@@ -90,6 +90,13 @@ pub struct Setup {
     /// Do not masquerade outgoing traffic.
     #[arg(long)]
     pub no_nat: bool,
+    /// Instead: install the daemons built beside volar and their systemd units, enable
+    /// volant.target and start it.
+    #[arg(long)]
+    pub install_systemd: bool,
+    /// With --install-systemd: install under this root instead, enable without starting.
+    #[arg(long, default_value = "/", requires = "install_systemd")]
+    pub root: std::path::PathBuf,
 }
 
 /// `volar vms …`.

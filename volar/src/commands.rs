@@ -132,11 +132,21 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
     let out = cli.output;
     match cli.command {
         Command::Setup(Setup {
+            install_systemd: true,
+            root,
+            ..
+        }) => {
+            for line in crate::systemd::install(&root)? {
+                println!("{line}");
+            }
+        }
+        Command::Setup(Setup {
             bridge,
             subnet,
             gateway,
             range: r,
             no_nat,
+            ..
         }) => {
             let mut body = network_body(&bridge, &subnet, &gateway, &r, no_nat)?;
             if r.is_none() && subnet == "192.168.127.0/24" {

@@ -4,6 +4,7 @@ mod cli;
 mod client;
 mod commands;
 mod output;
+mod systemd;
 
 use std::process::ExitCode;
 
