@@ -449,8 +449,10 @@ async fn kill_9_in_the_middle_of_calls_converges_on_restart() {
     let mut lab = lab().await;
     for round in 0..3 {
         let mut tasks = Vec::new();
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         for w in 0..4 {
             let mut c = NetClient::new(lab.netd.channel());
+            let done = done.clone();
             tasks.push(tokio::spawn(async move {
                 let mut acked = Vec::new();
                 for i in 0.. {
@@ -459,6 +461,7 @@ async fn kill_9_in_the_middle_of_calls_converges_on_restart() {
                         break;
                     }
                     acked.push(vm);
+                    done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 }
                 acked
             }));
@@ -478,7 +481,14 @@ async fn kill_9_in_the_middle_of_calls_converges_on_restart() {
             }
             Vec::new()
         }));
-        tokio::time::sleep(Duration::from_millis(300 + 200 * round)).await;
+        // Kill it in full flight: once a few calls went through, at a moment that moves.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while done.load(std::sync::atomic::Ordering::SeqCst) < 6
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50 + 100 * round)).await;
         lab.netd.kill9();
         let mut acked = Vec::new();
         for t in tasks {
