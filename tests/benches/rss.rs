@@ -8,20 +8,25 @@ use std::time::Duration;
 use volant_services::api::vmm::v1::{CreateVmRequest, DeleteVmRequest, InstallPluginRequest};
 use volant_tests::{ControlPlane, Daemon, hello_manifest, host_and_upstream};
 
-/// Resident set size of `pid` in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
+/// `field` (in KiB) of `pid`'s memory summary: `Rss`, or `Pss` (shared pages divided among the
+/// processes that map them, so the daemons' sum counts libc once).
+fn kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         })
         .unwrap_or(0)
 }
 
-fn table(daemons: &[&Daemon]) -> Vec<u64> {
-    daemons.iter().map(|d| rss_kib(d.pid())).collect()
+/// (RSS, PSS) of each daemon, in KiB.
+fn table(daemons: &[&Daemon]) -> Vec<(u64, u64)> {
+    daemons
+        .iter()
+        .map(|d| (kib(d.pid(), "Rss"), kib(d.pid(), "Pss")))
+        .collect()
 }
 
 #[tokio::main]
@@ -54,19 +59,28 @@ async fn main() {
     .unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let warm = table(&daemons);
-    println!("| daemon | idle RSS after start (MiB) | idle RSS after a VM came and went (MiB) |");
-    println!("|---|---:|---:|");
+    println!(
+        "| daemon | RSS after start (MiB) | RSS after a VM came and went | PSS after start | PSS after a VM |"
+    );
+    println!("|---|---:|---:|---:|---:|");
     let names = ["ipamd", "netd", "proxyd", "vmmd", "gateway"];
+    let mib = |k: u64| k as f64 / 1024.0;
     for ((name, c), w) in names.iter().zip(&cold).zip(&warm) {
         println!(
-            "| {name} | {:.1} | {:.1} |",
-            *c as f64 / 1024.0,
-            *w as f64 / 1024.0
+            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            mib(c.0),
+            mib(w.0),
+            mib(c.1),
+            mib(w.1)
         );
     }
+    let sum =
+        |v: &[(u64, u64)], pss: bool| mib(v.iter().map(|x| if pss { x.1 } else { x.0 }).sum());
     println!(
-        "| the control plane | {:.1} | {:.1} |",
-        cold.iter().sum::<u64>() as f64 / 1024.0,
-        warm.iter().sum::<u64>() as f64 / 1024.0
+        "| the control plane | {:.1} | {:.1} | {:.1} | {:.1} |",
+        sum(&cold, false),
+        sum(&warm, false),
+        sum(&cold, true),
+        sum(&warm, true)
     );
 }
