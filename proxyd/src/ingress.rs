@@ -196,15 +196,7 @@ impl Ingress {
                 .await
                 .map_err(|e| bad_gateway(e.to_string()))?;
             tokio::spawn(conn.with_upgrades());
-            let mut res = tokio::time::timeout(self.request_timeout, sender.send_request(out))
-                .await
-                .map_err(|_| {
-                    (
-                        StatusCode::GATEWAY_TIMEOUT,
-                        format!("vm {name} did not answer within {:?}", self.request_timeout),
-                    )
-                })?
-                .map_err(|e| bad_gateway(e.to_string()))?;
+            let mut res = self.answer(&mut sender, out, name).await?;
             if res.status() == StatusCode::SWITCHING_PROTOCOLS {
                 let outgoing_upgrade = hyper::upgrade::on(&mut res);
                 let idle = self.idle_timeout;
@@ -237,19 +229,29 @@ impl Ingress {
                 sender
             }
         };
-        let res = tokio::time::timeout(self.request_timeout, sender.send_request(out))
-            .await
-            .map_err(|_| {
-                (
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!("vm {name} did not answer within {:?}", self.request_timeout),
-                )
-            })?
-            .map_err(|e| bad_gateway(e.to_string()))?;
+        let res = self.answer(&mut sender, out, name).await?;
         self.give_back(name, sender);
         let (mut parts, body) = res.into_parts();
         hop::strip(&mut parts.headers, false);
         Ok(Response::from_parts(parts, boxed(body)))
+    }
+
+    /// Sends `req` to `vm`'s workload; its answer's head within the request timeout.
+    async fn answer(
+        &self,
+        sender: &mut SendRequest<Body>,
+        req: Request<Body>,
+        vm: &str,
+    ) -> Result<Response<Incoming>, (StatusCode, String)> {
+        tokio::time::timeout(self.request_timeout, sender.send_request(req))
+            .await
+            .map_err(|_| {
+                (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("vm {vm} did not answer within {:?}", self.request_timeout),
+                )
+            })?
+            .map_err(|e| (StatusCode::BAD_GATEWAY, format!("vm {vm}: {e}")))
     }
 
     /// An idle connection to `vm`'s workload; busy ones stay in the pool, closed ones leave it.
