@@ -10,6 +10,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use volant_services::addr::Addr;
 use volant_services::api::vmm::v1 as vmm;
+use volant_services::daemon::Io;
 use volant_services::hop;
 
 use crate::error::{ApiError, By, ErrorBody, Path};
@@ -179,7 +180,3 @@ fn req_of(name: &str) -> tonic::Request<vmm::GetVmRequest> {
         READ,
     )
 }
-
-/// A connection of either kind.
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}

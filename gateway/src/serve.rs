@@ -8,10 +8,9 @@ use anyhow::Context as _;
 use axum::Router;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::rustls;
 use tower::ServiceExt as _;
-use volant_services::daemon::{Listener, Stop};
+use volant_services::daemon::{Io, Listener, Stop};
 
 use crate::doors::Peer;
 
@@ -158,7 +157,3 @@ async fn accept(l: &Listener) -> std::io::Result<(Box<dyn Io>, Peer)> {
         Listener::Unix(l) => (Box::new(l.accept().await?.0), Peer(None)),
     })
 }
-
-/// A connection of any kind.
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::rustls;
 use volant_services::api::proxy::v1::EgressPolicy;
+use volant_services::daemon::Io;
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -176,9 +177,6 @@ async fn open(p: Proxy, egress: &str) -> Box<dyn Io> {
         }
     }
 }
-
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// (MB/s of `TUNNELS` concurrent downloads, tunnels per second of sequential small ones)
 async fn measure(p: Proxy, egress: &str, client: &Arc<rustls::ClientConfig>) -> (f64, f64) {

@@ -131,14 +131,13 @@ impl Egress {
                 );
                 res
             }
+            // A tunnel's verdict waits for its ClientHello; a request's is final here.
+            Ok((target, tcp)) if req.method() == Method::CONNECT => {
+                self.tunnel(req, vm, target, tcp)
+            }
             Ok((target, tcp)) => {
-                tracing::info!(vm = %name, host = %target.host, port = target.port, address = %target.addr, verdict = "allow", reason = "allowed", "egress");
-                if req.method() == Method::CONNECT {
-                    self.tunnel(req, vm, target, tcp)
-                } else {
-                    vm.stats.decided(Verdict::Allow, "allowed");
-                    self.forward(req, vm, target, tcp).await
-                }
+                allowed(&vm, &target);
+                self.forward(req, vm, target, tcp).await
             }
         }
     }
@@ -316,7 +315,7 @@ impl Egress {
             tracing::info!(vm = %vm.route.vm, host = %target.host, sni = ?sni, verdict = "deny", reason = "SNI differs from CONNECT host", "egress");
             return Err(std::io::Error::other("SNI differs from the CONNECT host"));
         }
-        vm.stats.decided(Verdict::Allow, "allowed");
+        allowed(vm, target);
         tokio::io::AsyncWriteExt::write_all(&mut tcp, &bytes).await?;
         VmMeter(vm).carried(true, bytes.len());
         pipe(
@@ -386,6 +385,12 @@ impl Egress {
             Err(e) => error(StatusCode::BAD_GATEWAY, format!("{}: {e}", target.host)),
         }
     }
+}
+
+/// Logs and counts a connection let through.
+fn allowed(vm: &Vm, target: &Target) {
+    vm.stats.decided(Verdict::Allow, "allowed");
+    tracing::info!(vm = %vm.route.vm, host = %target.host, port = target.port, address = %target.addr, verdict = "allow", reason = "allowed", "egress");
 }
 
 /// Sends one request on a fresh HTTP/1.1 connection over `io` and streams the answer back,

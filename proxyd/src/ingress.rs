@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use volant_services::daemon::{Listener, Stop};
+use volant_services::daemon::{Io, Listener, Stop};
 
 use crate::http::{Body, Unmetered, boxed, empty, error, pipe};
 use crate::hvsock;
@@ -283,7 +283,3 @@ async fn accept(l: &Listener) -> std::io::Result<hyper_util::rt::TokioIo<Box<dyn
         }
     }))
 }
-
-/// A client connection of either kind.
-pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}

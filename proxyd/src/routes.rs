@@ -85,7 +85,8 @@ pub fn validate(mut r: pb::Route) -> Result<(pb::Route, Allowlist), Status> {
             r.socket
         )));
     }
-    if r.ingress_port == 0 || r.ingress_port > u32::from(u16::MAX) * 16 {
+    // 0 is no port and u32::MAX is VMADDR_PORT_ANY.
+    if r.ingress_port == 0 || r.ingress_port == u32::MAX {
         return Err(invalid(format!(
             "ingress_port {} is not a vsock port",
             r.ingress_port

@@ -219,6 +219,10 @@ pub enum Listener {
     Tcp(TcpListener),
 }
 
+/// A byte stream of any kind (Unix, TCP, TLS), for code that accepts or dials several.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
 /// Resolves when the server should stop accepting and drain.
 pub type Stop = Pin<Box<dyn Future<Output = ()> + Send>>;
 

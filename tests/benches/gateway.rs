@@ -14,10 +14,8 @@ use hyper_util::rt::TokioIo;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 use volant_services::api::vmm::v1::vmm_client::VmmClient;
-use volant_services::api::vmm::v1::{
-    CreateVmRequest, InstallPluginRequest, ListVmsRequest, StopVmRequest,
-};
-use volant_tests::{ControlPlane, hello_manifest, host_and_upstream, in_netns};
+use volant_services::api::vmm::v1::{CreateVmRequest, ListVmsRequest, StopVmRequest};
+use volant_tests::{ControlPlane, host_and_upstream, in_netns};
 
 const VMS: usize = 100;
 const CLIENTS: usize = 16;
@@ -99,15 +97,8 @@ fn get(path: &str) -> hyper::Request<Empty<Bytes>> {
         .unwrap()
 }
 
-fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(run());
-}
-
-async fn run() {
+#[tokio::main]
+async fn main() {
     let secs = Duration::from_secs(
         std::env::var("BENCH_SECS")
             .ok()
@@ -127,11 +118,7 @@ async fn run() {
     .await;
     let _gateway = cp.gateway(&env).await;
     let mut vmm = cp.vmm();
-    vmm.install_plugin(InstallPluginRequest {
-        manifest_json: hello_manifest(),
-    })
-    .await
-    .unwrap();
+    cp.install_hello().await;
     // 100 real VMs, each stopped at once so that QEMU's memory is not held a hundred times.
     for i in 0..VMS {
         let name = format!("vm{i}");

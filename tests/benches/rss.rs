@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use volant_services::api::vmm::v1::{CreateVmRequest, DeleteVmRequest, InstallPluginRequest};
-use volant_tests::{ControlPlane, Daemon, hello_manifest, host_and_upstream};
+use volant_services::api::vmm::v1::{CreateVmRequest, DeleteVmRequest};
+use volant_tests::{ControlPlane, Daemon, host_and_upstream};
 
 /// `field` (in KiB) of `pid`'s memory summary: `Rss`, or `Pss` (shared pages divided among the
 /// processes that map them, so the daemons' sum counts libc once).
@@ -39,11 +39,7 @@ async fn main() {
     let daemons = [&cp.ipamd, &cp.netd, &cp.proxyd, &cp.vmmd, &gateway];
     let cold = table(&daemons);
     let mut vmm = cp.vmm();
-    vmm.install_plugin(InstallPluginRequest {
-        manifest_json: hello_manifest(),
-    })
-    .await
-    .unwrap();
+    cp.install_hello().await;
     vmm.create_vm(CreateVmRequest {
         name: "rss".into(),
         plugin: "hello".into(),

@@ -635,6 +635,16 @@ impl ControlPlane {
         Daemon::start_with(Some(&self.host), "gateway", self.root.path(), &args, env).await
     }
 
+    /// Installs the `hello` plugin (the guest `tests/run` builds).
+    pub async fn install_hello(&self) {
+        self.vmm()
+            .install_plugin(volant_services::api::vmm::v1::InstallPluginRequest {
+                manifest_json: hello_manifest(),
+            })
+            .await
+            .expect("installing hello");
+    }
+
     /// A vmmd client.
     pub fn vmm(&self) -> VmmClient<Channel> {
         VmmClient::new(self.vmmd.channel())

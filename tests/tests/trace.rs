@@ -7,9 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::Duration;
 
-use volant_services::api::vmm::v1::{DeleteVmRequest, InstallPluginRequest};
+use volant_services::api::vmm::v1::DeleteVmRequest;
 use volant_tests::otlp::{Receiver, Span};
-use volant_tests::{ControlPlane, bin, hello_manifest, host_and_upstream};
+use volant_tests::{ControlPlane, bin, host_and_upstream};
 
 /// The trace whose root is the gateway's `POST /api/v1/vms` for `vm`.
 fn trace_of<'a>(spans: &'a [Span], vm: &str) -> Option<Vec<&'a Span>> {
@@ -81,11 +81,7 @@ async fn a_create_is_one_trace_across_the_services() {
     let cp = ControlPlane::start_in(host, up, &env, "").await;
     let _gateway = cp.gateway(&env).await;
     let mut vmm = cp.vmm();
-    vmm.install_plugin(InstallPluginRequest {
-        manifest_json: hello_manifest(),
-    })
-    .await
-    .unwrap();
+    cp.install_hello().await;
     for (vm, network) in [("web", "bridge"), ("safe", "vsock")] {
         let out = Command::new("ip")
             .args(["netns", "exec", &cp.host.name])

@@ -22,7 +22,7 @@ use volant_services::api::proxy::v1::{GetStatsRequest, ListRoutesRequest};
 use volant_services::api::vmm::v1::{
     CreateVmRequest, DeleteVmRequest, GetVmRequest, InstallPluginRequest,
 };
-use volant_tests::{ControlPlane, guest_dir, hello_manifest, host_and_upstream, in_netns, ready};
+use volant_tests::{ControlPlane, guest_dir, host_and_upstream, in_netns, ready};
 
 const UPSTREAM: &str = "203.0.113.10";
 const GATEWAY: &str = "127.0.0.1:8080";
@@ -334,11 +334,7 @@ async fn vsock_vms_reach_and_are_reached_only_through_the_proxies() {
         .await
         .unwrap();
     }
-    vmm.install_plugin(InstallPluginRequest {
-        manifest_json: hello_manifest(),
-    })
-    .await
-    .unwrap();
+    cp.install_hello().await;
     let (mut v1, mut v2, mut v3) = (vmm.clone(), vmm.clone(), vmm.clone());
     let (a, b, c) = tokio::join!(
         v1.create_vm(CreateVmRequest {
