@@ -71,14 +71,26 @@ async fn latency(path: &Path, handshake: bool, uri: &str, body: &Bytes, n: usize
     (pct(&mut lat, 0.5), pct(&mut lat, 0.99))
 }
 
-/// Requests per second with `CLIENTS` connections for `secs`.
+/// CPU seconds (user + system) process `pid` has used so far.
+fn cpu(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after_name.split(' ').collect();
+    // Fields 14 and 15 of stat(5) (utime, stime) are 11 and 12 after the name, in ticks.
+    (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
+}
+
+/// Requests per second with `CLIENTS` connections for `secs`, and the CPU µs each request cost
+/// the bench process (clients and endpoint) and proxyd.
 async fn throughput(
     path: &Path,
     handshake: bool,
     uri: &'static str,
     body: &Bytes,
     secs: Duration,
-) -> f64 {
+    proxyd: &str,
+) -> (f64, f64, f64) {
+    let before = (cpu("self"), cpu(proxyd));
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..CLIENTS {
@@ -97,7 +109,9 @@ async fn throughput(
     for t in tasks {
         total += t.await.unwrap();
     }
-    total as f64 / start.elapsed().as_secs_f64()
+    let rate = total as f64 / start.elapsed().as_secs_f64();
+    let per = |a: f64, b: f64| (b - a) * 1e6 / total as f64;
+    (rate, per(before.0, cpu("self")), per(before.1, cpu(proxyd)))
 }
 
 #[tokio::main]
@@ -111,8 +125,11 @@ async fn main() {
         .await;
     let ingress = run.join("proxyd-ingress.sock");
     let secs = Duration::from_secs(3);
-    println!("| body | path | p50 µs | p99 µs | req/s ({CLIENTS} clients) | MB/s each way |");
-    println!("|---|---|---:|---:|---:|---:|");
+    let pid = px.pid().to_string();
+    println!(
+        "| body | path | p50 µs | p99 µs | req/s ({CLIENTS} clients) | MB/s each way | CPU µs/req: clients + endpoint | CPU µs/req: proxyd |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
     for (label, size, n) in [("1 KiB", 1024usize, 4000usize), ("1 MiB", 1 << 20, 300)] {
         let body = Bytes::from(vec![7u8; size]);
         let rows = [
@@ -133,16 +150,16 @@ async fn main() {
         let mut rates = Vec::new();
         for (what, path, handshake, uri) in rows {
             let (p50, p99) = latency(path, handshake, uri, &body, n).await;
-            let rate = throughput(path, handshake, uri, &body, secs).await;
+            let (rate, ours, theirs) = throughput(path, handshake, uri, &body, secs, &pid).await;
             println!(
-                "| {label} | {what} | {p50:.0} | {p99:.0} | {rate:.0} | {:.1} |",
+                "| {label} | {what} | {p50:.0} | {p99:.0} | {rate:.0} | {:.1} | {ours:.1} | {theirs:.1} |",
                 rate * size as f64 / 1e6
             );
             p50s.push(p50);
             rates.push(rate);
         }
         println!(
-            "| {label} | proxyd's cost | +{:.0} µs p50 | | {:.2} of direct | |",
+            "| {label} | proxyd's cost | +{:.0} µs p50 | | {:.2} of direct | | | |",
             p50s[1] - p50s[0],
             rates[1] / rates[0]
         );

@@ -35,18 +35,22 @@ where
 /// An answer proxyd gives itself, in the API's error shape (`{"error": message, "details":
 /// {"code": …}}`).
 pub fn error(status: StatusCode, details: impl Into<String>) -> Response<Body> {
-    let code = status
-        .canonical_reason()
-        .unwrap_or("ERROR")
-        .to_ascii_uppercase()
-        .replace(' ', "_");
-    let body =
-        serde_json::json!({ "error": details.into(), "details": { "code": code } }).to_string();
+    let body = error_body(status, &details.into());
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "application/json")
         .body(full(body))
         .expect("a valid response")
+}
+
+/// The JSON of an error answer: `{"error": message, "details": {"code": …}}`.
+pub fn error_body(status: StatusCode, message: &str) -> String {
+    let code = status
+        .canonical_reason()
+        .unwrap_or("ERROR")
+        .to_ascii_uppercase()
+        .replace(' ', "_");
+    serde_json::json!({ "error": message, "details": { "code": code } }).to_string()
 }
 
 /// What a pipe does with each chunk it carries: count it, and say how long to wait before the

@@ -1,32 +1,36 @@
-//! The ingress proxy: an HTTP listener (a Unix socket by default) that the gateway forwards
+//! The ingress proxy: an HTTP/1.1 listener (a Unix socket by default) that the gateway forwards
 //! `/api/v1/vms/{name}/proxy/{path...}` to. Per VM it dials the hybrid-vsock socket, does the
-//! `CONNECT`/`OK` handshake with kestrel's listener, and speaks HTTP/1.1 to the workload over it,
-//! reusing idle connections. Bodies stream both ways; WebSocket (any upgrade) is spliced through.
+//! `CONNECT`/`OK` handshake with kestrel's listener and passes the request on, reusing idle
+//! connections. One task per client connection does everything: it parses heads itself
+//! ([`wire`]), carries bodies verbatim (spliced when large), and splices upgraded (WebSocket)
+//! connections both ways, so a request costs a few syscalls and no hand-offs between tasks.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
+use std::io;
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::{Request, Response, StatusCode, header};
-use http_body_util::Limited;
-use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use volant_services::daemon::{Io, Listener, Stop};
+use http::StatusCode;
+use tokio::time::Instant;
+use volant_services::daemon::{Listener, Stop};
 
-use crate::http::{Body, Unmetered, boxed, empty, error, pipe};
 use crate::hvsock;
 use crate::routes::Routes;
-use volant_services::hop;
+use crate::splice::{Buf, Pipe, Socket};
+use crate::wire::{self, Framing, Refusal, Request};
 
 /// The read buffer of a client connection, which bounds the request head.
 const MAX_HEAD: usize = 256 * 1024;
+/// The read buffer for answers, which bounds their heads.
+const MAX_ANSWER_HEAD: usize = 64 * 1024;
 /// Idle connections kept per VM.
 const POOL_PER_VM: usize = 32;
+/// How long a client may take to send a request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an upgraded connection may live.
+const UPGRADED_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// The ingress data plane.
 pub struct Ingress {
@@ -38,25 +42,39 @@ pub struct Ingress {
     pub request_timeout: Duration,
     /// How long the vsock handshake may take.
     pub handshake_timeout: Duration,
-    /// How long an upgraded (WebSocket) connection may sit idle.
+    /// How long a body or an upgraded connection may sit idle.
     pub idle_timeout: Duration,
-    idle: Mutex<HashMap<String, Vec<SendRequest<Body>>>>,
+    idle: Mutex<HashMap<String, Vec<Socket>>>,
 }
 
-/// The VM name and the workload's path (with the query) of an ingress request path.
-pub fn split_path(path_and_query: &str) -> Option<(&str, String)> {
-    let rest = path_and_query
-        .strip_prefix("/api/v1/vms/")
-        .or_else(|| path_and_query.strip_prefix("/vms/"))?;
-    let (name, rest) = rest.split_once('/')?;
-    let tail = rest.strip_prefix("proxy")?;
-    let target = match tail.as_bytes().first() {
-        None => "/".to_string(),
-        Some(b'/') => tail.to_string(),
-        Some(b'?') => format!("/{tail}"),
-        Some(_) => return None,
-    };
-    Some((name, target))
+/// Why an exchange failed, and whether the client already has part of an answer.
+struct Failure {
+    status: StatusCode,
+    message: String,
+    /// Bytes of an answer reached the client: it can only be closed.
+    answered: bool,
+    /// The workload closed a reused connection before answering: safe to retry a bodiless
+    /// request on a fresh one.
+    stale: bool,
+}
+
+impl Failure {
+    fn new(status: StatusCode, message: impl Into<String>) -> Failure {
+        Failure {
+            status,
+            message: message.into(),
+            answered: false,
+            stale: false,
+        }
+    }
+}
+
+/// The per-connection pieces an exchange works with.
+struct Conn<'a> {
+    down: &'a Socket,
+    dbuf: &'a mut Buf,
+    ubuf: &'a mut Buf,
+    pipes: &'a mut [Option<Pipe>; 2],
 }
 
 impl Ingress {
@@ -83,203 +101,394 @@ impl Ingress {
         loop {
             let accepted = tokio::select! {
                 _ = &mut stop => return Ok(()),
-                a = accept(&listener) => a,
+                a = accept(&listener, &self) => a,
             };
-            let io = match accepted {
-                Ok(io) => io,
-                Err(e) => {
-                    tracing::warn!("ingress accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+            if let Err(e) = accepted {
+                tracing::warn!("ingress accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    /// Serves one client connection: requests one after another until it closes.
+    async fn connection(&self, down: Socket) {
+        let mut dbuf = Buf::new(MAX_HEAD);
+        let mut ubuf = Buf::new(MAX_ANSWER_HEAD);
+        let mut pipes = [None, None];
+        loop {
+            let req = match tokio::time::timeout(HEAD_TIMEOUT, self.request(&down, &mut dbuf)).await
+            {
+                Ok(Ok(Some(req))) => req,
+                Ok(Ok(None)) | Ok(Err(None)) | Err(_) => return,
+                Ok(Err(Some(refusal))) => {
+                    dbuf.consume(refusal.len);
+                    let _ = down.write_all(&wire::refusal(&refusal)).await;
+                    if refusal.close {
+                        return;
+                    }
                     continue;
                 }
             };
-            let me = self.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let me = me.clone();
-                    async move { Ok::<_, Infallible>(me.handle(req).await) }
+            let conn = Conn {
+                down: &down,
+                dbuf: &mut dbuf,
+                ubuf: &mut ubuf,
+                pipes: &mut pipes,
+            };
+            if !self.exchange(conn, req).await {
+                return;
+            }
+        }
+    }
+
+    /// The next request head: `Ok(None)` when the client closed between requests, `Err(None)`
+    /// when it broke off.
+    async fn request(
+        &self,
+        down: &Socket,
+        buf: &mut Buf,
+    ) -> Result<Option<Request>, Option<Refusal>> {
+        loop {
+            if let Some(req) = wire::parse_request(buf.bytes(), self.max_body)? {
+                buf.consume(req.len);
+                return Ok(Some(req));
+            }
+            if buf.is_full() {
+                return Err(Some(Refusal {
+                    status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    message: format!("the request head is larger than {MAX_HEAD} bytes"),
+                    close: true,
+                    len: 0,
+                }));
+            }
+            match buf.fill(down).await {
+                Ok(0) if buf.is_empty() => return Ok(None),
+                Ok(0) | Err(_) => return Err(None),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Forwards `req` and its answer; returns whether the client connection goes on.
+    async fn exchange(&self, conn: Conn<'_>, req: Request) -> bool {
+        let Some(vm) = self.routes.get(&req.vm) else {
+            self.forget(&req.vm);
+            let refusal = Refusal {
+                status: StatusCode::NOT_FOUND,
+                message: format!(
+                    "vm {:?} has no vsock route; is it a vsock VM that is running?",
+                    req.vm
+                ),
+                close: req.framing != Framing::None || !req.keep_alive,
+                len: 0,
+            };
+            let sent = conn.down.write_all(&wire::refusal(&refusal)).await;
+            return sent.is_ok() && !refusal.close;
+        };
+        vm.stats.ingress_requests.fetch_add(1, Relaxed);
+        let socket = Path::new(&vm.route.socket);
+        let down = conn.down;
+        match self
+            .forward(conn, &req, socket, vm.route.ingress_port)
+            .await
+        {
+            Ok(goes_on) => goes_on,
+            Err(f) => {
+                vm.stats.ingress_errors.fetch_add(1, Relaxed);
+                tracing::info!(
+                    vm = req.vm,
+                    status = f.status.as_u16(),
+                    "ingress: {}",
+                    f.message
+                );
+                if f.answered {
+                    return false;
+                }
+                let refusal = Refusal {
+                    status: f.status,
+                    message: f.message,
+                    close: !(req.framing == Framing::None && req.keep_alive),
+                    len: 0,
+                };
+                let sent = down.write_all(&wire::refusal(&refusal)).await;
+                sent.is_ok() && !refusal.close
+            }
+        }
+    }
+
+    /// Sends `req` to the workload (retrying once on a fresh connection if a reused one turns
+    /// out closed) and relays the answer.
+    async fn forward(
+        &self,
+        conn: Conn<'_>,
+        req: &Request,
+        socket: &Path,
+        port: u32,
+    ) -> Result<bool, Failure> {
+        let Conn {
+            down,
+            dbuf,
+            ubuf,
+            pipes,
+        } = conn;
+        let mut fresh_only = false;
+        loop {
+            let (up, reused) = match self.upstream(&req.vm, socket, port, fresh_only).await {
+                Ok(u) => u,
+                Err(m) => return Err(Failure::new(StatusCode::BAD_GATEWAY, m)),
+            };
+            ubuf.consume(ubuf.bytes().len());
+            match self.relay(down, dbuf, ubuf, pipes, &up, req).await {
+                Ok((goes_on, reusable)) => {
+                    if reusable {
+                        self.give_back(&req.vm, up);
+                    }
+                    return Ok(goes_on);
+                }
+                Err(f) if f.stale && reused && req.framing == Framing::None => fresh_only = true,
+                Err(f) => return Err(f),
+            }
+        }
+    }
+
+    /// One request and its answer over `up`; returns whether the client connection goes on
+    /// and whether `up` may serve again.
+    async fn relay(
+        &self,
+        down: &Socket,
+        dbuf: &mut Buf,
+        ubuf: &mut Buf,
+        pipes: &mut [Option<Pipe>; 2],
+        up: &Socket,
+        req: &Request,
+    ) -> Result<(bool, bool), Failure> {
+        let vm = &req.vm;
+        let mut first = req.head.clone();
+        let mut rest = req.framing;
+        if let Framing::Length(n) = rest {
+            let k = (dbuf.bytes().len() as u64).min(n) as usize;
+            first.extend_from_slice(&dbuf.bytes()[..k]);
+            dbuf.consume(k);
+            rest = Framing::Length(n - k as u64);
+        }
+        up.write_all(&first).await.map_err(|e| Failure {
+            stale: true,
+            ..Failure::new(StatusCode::BAD_GATEWAY, format!("vm {vm}: {e}"))
+        })?;
+        let mut body_done = matches!(rest, Framing::None | Framing::Length(0));
+        let outcome = {
+            let [pipe_up, pipe_down] = &mut *pipes;
+            let (max, idle) = (self.max_body, self.idle_timeout);
+            let body = wire::carry(down, dbuf, up, rest, max, pipe_up, idle);
+            let answer = self.answer(up, ubuf, down, req, pipe_down);
+            tokio::pin!(body, answer);
+            loop {
+                tokio::select! {
+                    r = &mut body, if !body_done => match r {
+                        Ok(()) => body_done = true,
+                        Err(e) => {
+                            return Err(Failure::new(
+                                StatusCode::BAD_REQUEST,
+                                format!("vm {vm}: the request body broke off: {e}"),
+                            ));
+                        }
+                    },
+                    r = &mut answer => break r?,
+                }
+            }
+        };
+        let Answered {
+            switched,
+            reusable,
+            closes,
+        } = outcome;
+        if switched {
+            self.upgraded(down, dbuf, up, ubuf, pipes).await;
+            return Ok((false, false));
+        }
+        Ok((
+            body_done && !closes,
+            body_done && reusable && ubuf.is_empty(),
+        ))
+    }
+
+    /// Reads the answer to `req` from `up` and relays it to `down`, interim heads included.
+    async fn answer(
+        &self,
+        up: &Socket,
+        ubuf: &mut Buf,
+        down: &Socket,
+        req: &Request,
+        pipe: &mut Option<Pipe>,
+    ) -> Result<Answered, Failure> {
+        let vm = &req.vm;
+        let deadline = Instant::now() + self.request_timeout;
+        let mut answered = false;
+        let fail = |answered: bool, m: String| Failure {
+            answered,
+            ..Failure::new(StatusCode::BAD_GATEWAY, format!("vm {vm}: {m}"))
+        };
+        loop {
+            let head = loop {
+                match wire::parse_answer(ubuf.bytes(), req) {
+                    Ok(Some(a)) => break a,
+                    Ok(None) if ubuf.is_full() => {
+                        return Err(fail(answered, "the answer's head is too large".into()));
+                    }
+                    Ok(None) => {}
+                    Err(m) => return Err(fail(answered, m)),
+                }
+                match tokio::time::timeout_at(deadline, ubuf.fill(up)).await {
+                    Err(_) => {
+                        return Err(Failure {
+                            answered,
+                            ..Failure::new(
+                                StatusCode::GATEWAY_TIMEOUT,
+                                format!("vm {vm} did not answer within {:?}", self.request_timeout),
+                            )
+                        });
+                    }
+                    Ok(Ok(0)) | Ok(Err(_)) if ubuf.is_empty() && !answered => {
+                        return Err(Failure {
+                            stale: true,
+                            ..fail(
+                                false,
+                                "the workload closed the connection without answering".into(),
+                            )
+                        });
+                    }
+                    Ok(Ok(0)) => return Err(fail(answered, "the answer broke off".into())),
+                    Ok(Err(e)) => return Err(fail(answered, e.to_string())),
+                    Ok(Ok(_)) => {}
+                }
+            };
+            ubuf.consume(head.len);
+            let mut first = head.head;
+            let mut rest = head.framing;
+            if let Framing::Length(n) = rest {
+                let k = (ubuf.bytes().len() as u64).min(n) as usize;
+                first.extend_from_slice(&ubuf.bytes()[..k]);
+                ubuf.consume(k);
+                rest = Framing::Length(n - k as u64);
+            }
+            let sent = down.write_all(&first).await;
+            answered = true;
+            sent.map_err(|e| fail(true, format!("the client went away: {e}")))?;
+            if head.interim {
+                continue;
+            }
+            if head.switched {
+                return Ok(Answered {
+                    switched: true,
+                    reusable: false,
+                    closes: true,
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .max_buf_size(MAX_HEAD)
-                    .header_read_timeout(Duration::from_secs(30))
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .serve_connection(io, svc)
-                    .with_upgrades()
-                    .await;
+            }
+            wire::carry(up, ubuf, down, rest, u64::MAX, pipe, self.idle_timeout)
+                .await
+                .map_err(|e| fail(true, format!("the answer's body broke off: {e}")))?;
+            if head.closes {
+                down.shutdown_write();
+            }
+            return Ok(Answered {
+                switched: false,
+                reusable: head.reusable,
+                closes: head.closes,
             });
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
-        let pq = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/")
-            .to_string();
-        let Some((name, target)) = split_path(&pq) else {
-            return error(
-                StatusCode::NOT_FOUND,
-                "ingress paths are /api/v1/vms/{name}/proxy/{path...}",
-            );
-        };
-        let Some(vm) = self.routes.get(name) else {
-            self.idle
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(name);
-            return error(
-                StatusCode::NOT_FOUND,
-                format!("vm {name:?} has no vsock route; is it a vsock VM that is running?"),
-            );
-        };
-        vm.stats.ingress_requests.fetch_add(1, Relaxed);
-        let res = self
-            .forward(
-                req,
-                name,
-                target,
-                Path::new(&vm.route.socket),
-                vm.route.ingress_port,
+    /// After a 101: everything either side sends goes to the other until both have finished.
+    async fn upgraded(
+        &self,
+        down: &Socket,
+        dbuf: &mut Buf,
+        up: &Socket,
+        ubuf: &mut Buf,
+        pipes: &mut [Option<Pipe>; 2],
+    ) {
+        let idle = self.idle_timeout;
+        let [a, b] = pipes;
+        let carried = async {
+            tokio::try_join!(
+                wire::carry(down, dbuf, up, Framing::ToEnd, u64::MAX, a, idle),
+                wire::carry(up, ubuf, down, Framing::ToEnd, u64::MAX, b, idle),
             )
-            .await;
-        if let Err((status, msg)) = &res {
-            vm.stats.ingress_errors.fetch_add(1, Relaxed);
-            tracing::info!(vm = name, status = status.as_u16(), "ingress: {msg}");
-        }
-        res.unwrap_or_else(|(status, msg)| error(status, msg))
+            .map(drop)
+        };
+        let _ = tokio::time::timeout(UPGRADED_LIFETIME, carried).await;
     }
 
-    async fn forward(
+    /// A connection to `vm`'s workload: an idle one unless `fresh`, else a new handshake.
+    /// Returns it and whether it was reused.
+    async fn upstream(
         &self,
-        mut req: Request<Incoming>,
-        name: &str,
-        target: String,
+        vm: &str,
         socket: &Path,
         port: u32,
-    ) -> Result<Response<Body>, (StatusCode, String)> {
-        let too_big = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .is_some_and(|n| n > self.max_body);
-        if too_big {
-            return Err((
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("the body is larger than {} bytes", self.max_body),
-            ));
+        fresh: bool,
+    ) -> Result<(Socket, bool), String> {
+        if !fresh && let Some(s) = self.pooled(vm) {
+            return Ok((s, true));
         }
-        let upgrade = hop::wants_upgrade(req.headers());
-        let incoming_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let (mut parts, body) = req.into_parts();
-        hop::strip(&mut parts.headers, upgrade);
-        parts.uri = target.parse().map_err(|_| {
-            (
-                StatusCode::BAD_REQUEST,
-                format!("{target:?} is not a valid path"),
-            )
-        })?;
-        let body = if upgrade {
-            empty()
-        } else {
-            boxed(Limited::new(body, self.max_body as usize))
-        };
-        let out = Request::from_parts(parts, body);
-        let bad_gateway = |e: String| (StatusCode::BAD_GATEWAY, format!("vm {name}: {e}"));
-
-        if let Some(incoming_upgrade) = incoming_upgrade {
-            let stream = hvsock::connect(socket, port, self.handshake_timeout)
-                .await
-                .map_err(bad_gateway)?;
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(|e| bad_gateway(e.to_string()))?;
-            tokio::spawn(conn.with_upgrades());
-            let mut res = self.answer(&mut sender, out, name).await?;
-            if res.status() == StatusCode::SWITCHING_PROTOCOLS {
-                let outgoing_upgrade = hyper::upgrade::on(&mut res);
-                let idle = self.idle_timeout;
-                tokio::spawn(async move {
-                    if let (Ok(a), Ok(b)) = (incoming_upgrade.await, outgoing_upgrade.await) {
-                        let _ = pipe(
-                            TokioIo::new(a),
-                            TokioIo::new(b),
-                            idle,
-                            Duration::from_secs(24 * 3600),
-                            &Unmetered,
-                        )
-                        .await;
-                    }
-                });
-            }
-            return Ok(res.map(boxed));
-        }
-
-        let mut sender = match self.pooled(name) {
-            Some(s) => s,
-            None => {
-                let stream = hvsock::connect(socket, port, self.handshake_timeout)
-                    .await
-                    .map_err(bad_gateway)?;
-                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(|e| bad_gateway(e.to_string()))?;
-                tokio::spawn(conn);
-                sender
-            }
-        };
-        let res = self.answer(&mut sender, out, name).await?;
-        self.give_back(name, sender);
-        let (mut parts, body) = res.into_parts();
-        hop::strip(&mut parts.headers, false);
-        Ok(Response::from_parts(parts, boxed(body)))
-    }
-
-    /// Sends `req` to `vm`'s workload; its answer's head within the request timeout.
-    async fn answer(
-        &self,
-        sender: &mut SendRequest<Body>,
-        req: Request<Body>,
-        vm: &str,
-    ) -> Result<Response<Incoming>, (StatusCode, String)> {
-        tokio::time::timeout(self.request_timeout, sender.send_request(req))
+        let s = hvsock::connect(socket, port, self.handshake_timeout)
             .await
-            .map_err(|_| {
-                (
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!("vm {vm} did not answer within {:?}", self.request_timeout),
-                )
-            })?
-            .map_err(|e| (StatusCode::BAD_GATEWAY, format!("vm {vm}: {e}")))
+            .map_err(|e| format!("vm {vm}: {e}"))?;
+        let s = Socket::unix(s).map_err(|e| format!("vm {vm}: {e}"))?;
+        Ok((s, false))
     }
 
-    /// An idle connection to `vm`'s workload; busy ones stay in the pool, closed ones leave it.
-    fn pooled(&self, vm: &str) -> Option<SendRequest<Body>> {
+    /// An idle connection to `vm`'s workload that is still open.
+    fn pooled(&self, vm: &str) -> Option<Socket> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(vm)?;
-        list.retain(|s| !s.is_closed());
-        let ready = list.iter().position(|s| s.is_ready())?;
-        Some(list.swap_remove(ready))
+        while let Some(s) = list.pop() {
+            if s.idle_and_open() {
+                return Some(s);
+            }
+        }
+        None
     }
 
-    /// Puts a connection back; it serves again once its answer has been read.
-    fn give_back(&self, vm: &str, sender: SendRequest<Body>) {
+    /// Keeps a connection that finished an exchange for the next request.
+    fn give_back(&self, vm: &str, s: Socket) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.entry(vm.to_string()).or_default();
         if list.len() < POOL_PER_VM {
-            list.push(sender);
+            list.push(s);
         }
+    }
+
+    /// Drops the idle connections of a VM that is gone.
+    fn forget(&self, vm: &str) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(vm);
     }
 }
 
-async fn accept(l: &Listener) -> std::io::Result<hyper_util::rt::TokioIo<Box<dyn Io>>> {
-    Ok(TokioIo::new(match l {
-        Listener::Unix(l) => Box::new(l.accept().await?.0) as Box<dyn Io>,
+/// What became of an answer.
+struct Answered {
+    switched: bool,
+    reusable: bool,
+    closes: bool,
+}
+
+/// Accepts one client and serves it on its own task.
+async fn accept(l: &Listener, ingress: &Arc<Ingress>) -> io::Result<()> {
+    let me = ingress.clone();
+    match l {
+        Listener::Unix(l) => {
+            let s = Socket::unix(l.accept().await?.0)?;
+            tokio::spawn(async move { me.connection(s).await });
+        }
         Listener::Tcp(l) => {
             let (s, _) = l.accept().await?;
-            let _ = s.set_nodelay(true);
-            Box::new(s)
+            s.set_nodelay(true)?;
+            let s = Socket::tcp(s)?;
+            tokio::spawn(async move { me.connection(s).await });
         }
-    }))
+    }
+    Ok(())
 }

@@ -10,5 +10,7 @@ pub mod limit;
 pub mod resolve;
 pub mod routes;
 pub mod rules;
+pub mod splice;
 pub mod stats;
 pub mod tls;
+pub mod wire;

@@ -121,6 +121,11 @@ impl Proxyd {
         }
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The gRPC API.
     pub fn api(&self) -> ProxyClient<volant_services::Channel> {
         self.grpc()
