@@ -27,7 +27,6 @@ use volant_services::api::ipam::v1::ipam_client::IpamClient;
 use volant_services::api::net::v1::net_client::NetClient;
 use volant_services::api::vmm::v1::vmm_client::VmmClient;
 use volant_services::daemon::{self, Daemon, DaemonArgs};
-use volant_services::dial;
 
 /// Volant's REST API (`/api/v1/…`, `GET /api/v1/openapi.json` describes it). It reaches vmmd,
 /// ipamd and netd at unix:<run-dir>/<service>.sock unless the config says otherwise.
@@ -41,14 +40,19 @@ struct Args {
 async fn run(args: Args) -> anyhow::Result<()> {
     let daemon = Daemon::start("gateway", args.daemon)?;
     let channels = [
-        ("vmmd", dial(&daemon.peer("vmmd"))?),
-        ("ipamd", dial(&daemon.peer("ipamd"))?),
-        ("netd", dial(&daemon.peer("netd"))?),
-        ("proxyd", dial(&daemon.peer("proxyd"))?),
+        ("vmmd", daemon.dial_peer("vmmd")?),
+        ("ipamd", daemon.dial_peer("ipamd")?),
+        ("netd", daemon.dial_peer("netd")?),
+        ("proxyd", daemon.dial_peer("proxyd")?),
     ];
     let ingress = daemon.config.proxyd.ingress.clone().unwrap_or_else(|| {
         volant_services::addr::Addr::Unix(daemon.run_dir.join("proxyd-ingress.sock"))
     });
+    anyhow::ensure!(
+        daemon.tls.is_none() || matches!(ingress, volant_services::addr::Addr::Unix(_)),
+        "proxyd's ingress is configured at {ingress}, but the config asks for mutual TLS between \
+         the services and the ingress speaks plain HTTP: keep it on a Unix socket (the default)"
+    );
     let peers = peers::Peers {
         vmm: VmmClient::new(channels[0].1.clone()),
         ipam: IpamClient::new(channels[1].1.clone()),

@@ -57,6 +57,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .ingress
         .or(c.ingress.clone())
         .unwrap_or_else(|| Addr::Unix(daemon.run_dir.join("proxyd-ingress.sock")));
+    anyhow::ensure!(
+        daemon.tls.is_none() || matches!(ingress_addr, Addr::Unix(_)),
+        "the ingress is to listen on {ingress_addr}, but the config asks for mutual TLS between \
+         the services and the ingress speaks plain HTTP: keep it on a Unix socket (the default)"
+    );
     let ingress = Arc::new(ingress::Ingress::new(
         routes.clone(),
         c.max_body_bytes.unwrap_or(1 << 30),

@@ -32,10 +32,26 @@ pub struct Config {
     pub gateway: GatewayConfig,
     /// proxyd's section.
     pub proxyd: ProxydConfig,
+    /// Mutual TLS for gRPC between the services over TCP; Unix sockets (mode 0600) never use it.
+    pub tls: Option<MutualTls>,
     /// Sections this build does not know; reported as a warning, not an error, so that one file
     /// can serve several versions.
     #[serde(flatten)]
     pub unknown: BTreeMap<String, serde_norway::Value>,
+}
+
+/// `tls`: every service listening on TCP presents `cert` and accepts only clients whose
+/// certificate `ca` signed; every service dialling a peer over TCP presents `cert` and accepts
+/// only a server certificate that `ca` signed and that names the host it dials.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MutualTls {
+    /// The CA bundle (PEM) that signs every service's certificate.
+    pub ca: PathBuf,
+    /// This service's certificate chain (PEM), valid as server and client.
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
 }
 
 /// The `networking` block.
@@ -121,6 +137,9 @@ pub struct VmmdConfig {
     pub dns: Option<Vec<IpAddr>>,
     /// How long a guest has to shut down cleanly before its hypervisor is stopped [default: 10].
     pub stop_timeout_secs: Option<u64>,
+    /// How often vmmd compares its VMs with the leases, TAPs and routes of the peers and
+    /// removes what no VM holds; also soon after a peer was unreachable [default: 30, ≥ 1].
+    pub reconcile_interval_secs: Option<u64>,
 }
 
 /// The gateway's section: where it listens and how it locks its doors.

@@ -19,6 +19,7 @@ use tonic_health::ServingStatus;
 
 use crate::addr::Addr;
 use crate::config::Config;
+use crate::mtls::MutualTls;
 use crate::telemetry::{GrpcTraceLayer, Side, Telemetry};
 
 /// The default directory of the services' sockets.
@@ -57,6 +58,8 @@ pub struct Daemon {
     pub run_dir: PathBuf,
     /// Where it listens.
     pub listen: Addr,
+    /// Mutual TLS for TCP between the services, when configured.
+    pub tls: Option<MutualTls>,
     telemetry: Telemetry,
 }
 
@@ -90,12 +93,14 @@ impl Daemon {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("creating directory {}", dir.display()))?;
         }
+        let tls = config.tls.as_ref().map(MutualTls::load).transpose()?;
         Ok(Daemon {
             name,
             config,
             state_dir,
             run_dir,
             listen,
+            tls,
             telemetry,
         })
     }
@@ -107,6 +112,11 @@ impl Daemon {
             .section(peer)
             .and_then(|s| s.listen)
             .unwrap_or_else(|| Addr::Unix(self.run_dir.join(format!("{peer}.sock"))))
+    }
+
+    /// A channel to the peer service `peer` (mutual TLS over TCP when configured).
+    pub fn dial_peer(&self, peer: &str) -> anyhow::Result<crate::Channel> {
+        crate::dial_with(&self.peer(peer), self.tls.as_ref())
     }
 
     /// Binds the listen address: a Unix socket (mode 0600, a stale one replaced, a live one
@@ -181,6 +191,7 @@ impl Daemon {
             .add_service(health)
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?);
+        let tls = self.tls.as_ref().map(MutualTls::server);
         self.run(move |listener, stop| async move {
             let stopped = async move {
                 stop.await;
@@ -190,8 +201,11 @@ impl Daemon {
                         .await;
                 }
             };
-            let mut server =
-                tonic::transport::Server::builder().layer(GrpcTraceLayer(Side::Server));
+            let mut builder = tonic::transport::Server::builder();
+            if let (Listener::Tcp(_), Some(tls)) = (&listener, tls) {
+                builder = builder.tls_config(tls).context("mutual TLS")?;
+            }
+            let mut server = builder.layer(GrpcTraceLayer(Side::Server));
             let router = server.add_routes(routes);
             match listener {
                 Listener::Unix(l) => {

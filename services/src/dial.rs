@@ -5,6 +5,7 @@ use std::time::Duration;
 use tonic::transport::Endpoint;
 
 use crate::addr::Addr;
+use crate::mtls::MutualTls;
 use crate::telemetry::{GrpcTrace, GrpcTraceLayer, Side};
 
 /// A channel to a peer service, carrying trace context. Generated clients take it as is, e.g.
@@ -19,11 +20,19 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// A channel to `addr`. It connects on first use and reconnects after failures, so a service can
 /// start before its peers.
 pub fn dial(addr: &Addr) -> anyhow::Result<Channel> {
-    let uri = match addr {
-        Addr::Unix(path) => format!("unix:{}", path.display()),
-        Addr::Tcp(hostport) => format!("http://{hostport}"),
+    dial_with(addr, None)
+}
+
+/// Like [`dial`]; over TCP with `tls`, the connection is mutual TLS.
+pub fn dial_with(addr: &Addr, tls: Option<&MutualTls>) -> anyhow::Result<Channel> {
+    let endpoint = match (addr, tls) {
+        (Addr::Unix(path), _) => Endpoint::from_shared(format!("unix:{}", path.display()))?,
+        (Addr::Tcp(hostport), None) => Endpoint::from_shared(format!("http://{hostport}"))?,
+        (Addr::Tcp(hostport), Some(tls)) => {
+            Endpoint::from_shared(format!("https://{hostport}"))?.tls_config(tls.client(addr))?
+        }
     };
-    let channel = Endpoint::from_shared(uri)?
+    let channel = endpoint
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(CALL_TIMEOUT)
         .tcp_nodelay(true)

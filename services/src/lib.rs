@@ -8,9 +8,10 @@ pub mod daemon;
 pub mod dial;
 pub mod durability;
 pub mod hop;
+pub mod mtls;
 pub mod telemetry;
 pub mod validate;
 
 pub use addr::Addr;
 pub use daemon::{Daemon, DaemonArgs, Services};
-pub use dial::{Channel, dial};
+pub use dial::{Channel, dial, dial_with};

@@ -7,6 +7,7 @@
 //! before running the suite.
 
 pub mod contract;
+pub mod invariants;
 pub mod otlp;
 pub mod recorder;
 
@@ -86,19 +87,31 @@ pub fn hello_manifest() -> String {
     )
 }
 
+/// The live processes (not zombies) one of whose arguments contains `needle`, with their
+/// arguments.
+pub fn processes_by_arg(needle: &str) -> Vec<(i32, Vec<String>)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let state = &stat[stat.rfind(')')? + 2..];
+            let args = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let args: Vec<String> = args
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            (!state.starts_with('Z') && args.iter().any(|a| a.contains(needle)))
+                .then_some((pid, args))
+        })
+        .collect()
+}
+
 /// Kills every process one of whose arguments contains `needle` (hypervisors a test started
 /// under its own directory), and waits until they are gone.
 pub fn kill_by_arg(needle: &str) {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    let pids: Vec<i32> = dir
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|pid: &i32| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
-        })
-        .collect();
+    let pids: Vec<i32> = processes_by_arg(needle).into_iter().map(|p| p.0).collect();
     for pid in &pids {
         // SAFETY: kill(2) has no memory-safety preconditions.
         unsafe { libc::kill(*pid, libc::SIGKILL) };
@@ -707,5 +720,43 @@ pub async fn ready(
         _ => Err(format!(
             "{name} not ready after {limit:?}; console:\n{console}"
         )),
+    }
+}
+
+/// A throwaway CA and one certificate it signed, for tests that need TLS.
+pub struct Pki {
+    /// The CA's certificate.
+    pub ca: rcgen::Certificate,
+    /// The certificate it signed.
+    pub leaf: rcgen::Certificate,
+    /// The leaf's private key.
+    pub key: rcgen::KeyPair,
+}
+
+impl Pki {
+    /// A CA named after `tag` and a certificate for `name` (a host name or an IP address).
+    pub fn new(tag: &str, name: &str) -> Pki {
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, format!("volant test CA {tag}"));
+        let ca = ca.self_signed(&ca_key).expect("CA");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let leaf = rcgen::CertificateParams::new(vec![name.to_string()])
+            .expect("params")
+            .signed_by(&key, &ca, &ca_key)
+            .expect("leaf");
+        Pki { ca, leaf, key }
+    }
+
+    /// Writes `<tag>-ca.pem`, `<tag>-cert.pem` and `<tag>-key.pem` under `dir`; returns their
+    /// paths in that order.
+    pub fn write(&self, dir: &Path, tag: &str) -> [String; 3] {
+        let path = |name: &str| dir.join(format!("{tag}-{name}")).display().to_string();
+        std::fs::write(path("ca.pem"), self.ca.pem()).expect("ca");
+        std::fs::write(path("cert.pem"), self.leaf.pem()).expect("cert");
+        std::fs::write(path("key.pem"), self.key.serialize_pem()).expect("key");
+        [path("ca.pem"), path("cert.pem"), path("key.pem")]
     }
 }

@@ -5,26 +5,12 @@
 use std::path::Path;
 use std::time::Duration;
 
-use volant_tests::{ControlPlane, bin, host_and_upstream};
+use volant_tests::{ControlPlane, Pki, bin, host_and_upstream};
 
 /// A CA and a `localhost` certificate it signed, written as PEM files under `dir` with `tag`.
 fn pki(dir: &Path, tag: &str) -> (String, String, String) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(rcgen::DnType::CommonName, format!("volant test CA {tag}"));
-    let ca = ca.self_signed(&ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .signed_by(&key, &ca, &ca_key)
-        .unwrap();
-    let path = |name: &str| dir.join(format!("{tag}-{name}")).display().to_string();
-    std::fs::write(path("ca.pem"), ca.pem()).unwrap();
-    std::fs::write(path("cert.pem"), leaf.pem()).unwrap();
-    std::fs::write(path("key.pem"), key.serialize_pem()).unwrap();
-    (path("ca.pem"), path("cert.pem"), path("key.pem"))
+    let [ca, cert, key] = Pki::new(tag, "localhost").write(dir, tag);
+    (ca, cert, key)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,7 +22,7 @@ use volant_services::api::proxy::v1::{GetStatsRequest, ListRoutesRequest};
 use volant_services::api::vmm::v1::{
     CreateVmRequest, DeleteVmRequest, GetVmRequest, InstallPluginRequest,
 };
-use volant_tests::{ControlPlane, guest_dir, host_and_upstream, in_netns, ready};
+use volant_tests::{ControlPlane, Pki, guest_dir, host_and_upstream, in_netns, ready};
 
 const UPSTREAM: &str = "203.0.113.10";
 const GATEWAY: &str = "127.0.0.1:8080";
@@ -52,18 +52,11 @@ fn manifest(name: &str, allow_outbound: bool) -> String {
 /// A local CA, and an HTTPS server for `api.example.test` signed by it, in the upstream
 /// namespace at 203.0.113.10:443. Returns the CA's PEM.
 fn https_upstream(up_ns: &str) -> (String, rustls::pki_types::CertificateDer<'static>) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "volant test CA");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["api.example.test".to_string()])
-        .unwrap()
-        .signed_by(&leaf_key, &ca, &ca_key)
-        .unwrap();
+    let Pki {
+        ca,
+        leaf,
+        key: leaf_key,
+    } = Pki::new("upstream", "api.example.test");
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let server = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

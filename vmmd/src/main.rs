@@ -18,7 +18,6 @@ use std::time::Duration;
 use clap::Parser;
 use volant_services::api::vmm::v1::vmm_server::VmmServer;
 use volant_services::daemon::{self, Daemon, DaemonArgs, Services};
-use volant_services::dial;
 
 use crate::manifest::Hypervisor;
 
@@ -98,9 +97,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .unwrap_or_else(|| daemon.state_dir.join("accel.json"));
     let settings = settings(&daemon)?;
     let peers = peers::Peers::new(
-        dial(&daemon.peer("ipamd"))?,
-        dial(&daemon.peer("netd"))?,
-        dial(&daemon.peer("proxyd"))?,
+        daemon.dial_peer("ipamd")?,
+        daemon.dial_peer("netd")?,
+        daemon.dial_peer("proxyd")?,
     );
     let store = records::Store::open(&daemon.state_dir).map_err(anyhow::Error::msg)?;
     let vmm = Arc::new(
@@ -108,37 +107,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)?,
     );
     vmm.reconcile_local().await;
-    let peers_vmm = vmm.clone();
-    tokio::spawn(async move {
-        // The peers may start after vmmd: retry until they answer.
-        let mut wait = Duration::from_millis(200);
-        loop {
-            match peers_vmm.reconcile_peers().await {
-                Ok(()) => return,
-                Err(e) => tracing::warn!("reconciling with ipamd and netd: {}", e.message()),
-            }
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(Duration::from_secs(10));
-        }
-    });
-    let routes_vmm = vmm.clone();
-    tokio::spawn(async move {
-        // proxyd is only needed by vsock VMs: say once that it is missing, then keep trying.
-        let mut wait = Duration::from_millis(200);
-        let mut said = false;
-        loop {
-            match routes_vmm.reconcile_routes().await {
-                Ok(()) => return,
-                Err(e) if !said => {
-                    said = true;
-                    tracing::warn!("reconciling with proxyd: {}", e.message());
-                }
-                Err(e) => tracing::debug!("reconciling with proxyd: {}", e.message()),
-            }
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(Duration::from_secs(30));
-        }
-    });
+    let every = c.reconcile_interval_secs.unwrap_or(30);
+    anyhow::ensure!(
+        every >= 1,
+        "vmmd.reconcile_interval_secs is {every}; it must be at least 1"
+    );
+    tokio::spawn(vmm.clone().reconcile_forever(Duration::from_secs(every)));
     let (state_dir, run_dir) = (daemon.state_dir.clone(), daemon.run_dir.clone());
     let paths = Box::new(move |name: &str| records::Paths::of(&state_dir, &run_dir, name));
     let service = VmmServer::new(grpc::VmmService::new(vmm, paths));

@@ -91,6 +91,8 @@ pub struct Vmm {
     /// Per running hypervisor: becomes true when it has exited.
     exits: Mutex<HashMap<String, watch::Receiver<bool>>>,
     events: broadcast::Sender<pb::VmEvent>,
+    /// Poked when a teardown left something behind at a peer, so reconciling comes early.
+    dirty: tokio::sync::Notify,
 }
 
 fn invalid(m: impl Into<String>) -> Status {
@@ -246,6 +248,7 @@ impl Vmm {
             plugins: Mutex::new(plugins),
             vms: Mutex::new(vms),
             locks: (0..VM_LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
+            dirty: tokio::sync::Notify::new(),
             exits: Mutex::new(HashMap::new()),
             events,
         })
@@ -827,6 +830,9 @@ impl Vmm {
                 }
             }
         }
+        if first.is_some() {
+            self.dirty.notify_one();
+        }
         let _ = self.update(name, |r| {
             r.pid = None;
             r.pid_start = None;
@@ -1009,9 +1015,65 @@ impl Vmm {
         }
     }
 
+    /// Reconciles with the peers now, then every `every` and whenever a teardown left something
+    /// behind (a peer was down); after a failure it retries sooner, backing off to 10 s. The
+    /// peers may start after vmmd and may crash and restart at any time.
+    pub async fn reconcile_forever(self: Arc<Self>, every: Duration) {
+        let mut wait = Duration::ZERO;
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.dirty.notified() => {}
+            }
+            match self.reconcile_once().await {
+                Ok(()) => {
+                    wait = every;
+                    backoff = Duration::from_millis(200);
+                }
+                Err(e) => {
+                    tracing::warn!("reconciling with the peers: {}", e.message());
+                    wait = backoff;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    /// One round: finishes deletes that a peer's failure interrupted, then makes the peers'
+    /// leases, TAPs and routes match the VM records.
+    pub async fn reconcile_once(&self) -> Result<(), Status> {
+        for rec in self.list() {
+            if rec.status == VmStatus::Deleting {
+                self.delete(&rec.name, false).await?;
+            }
+        }
+        let vsock_vms = self.list().iter().any(|r| r.mode == Mode::Vsock);
+        self.reconcile_peers().await?;
+        match self.reconcile_routes().await {
+            Err(e) if vsock_vms => Err(e),
+            Err(e) => {
+                tracing::debug!("reconciling with proxyd: {}", e.message());
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        }
+    }
+
+    /// Holds every VM's lock: no create, delete, start or stop runs meanwhile, so the records
+    /// and the peers can be compared without a saga moving between the two reads.
+    async fn quiesce(&self) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
+        let mut all = Vec::with_capacity(self.locks.len());
+        for l in &self.locks {
+            all.push(l.lock().await);
+        }
+        all
+    }
+
     /// Registers every vsock VM with proxyd again (proxyd may have lost nothing, but vmmd may
     /// have crashed between steps) and removes the routes of VMs that do not exist.
     pub async fn reconcile_routes(&self) -> Result<(), Status> {
+        let _quiet = self.quiesce().await;
         let vms: BTreeMap<String, VmRecord> = self
             .list()
             .into_iter()
@@ -1035,6 +1097,7 @@ impl Vmm {
     /// Asks the peers to converge and releases what no VM holds: leases of VMs that do not
     /// exist (or no longer hold that address) and TAPs of VMs that do not exist.
     pub async fn reconcile_peers(&self) -> Result<(), Status> {
+        let _quiet = self.quiesce().await;
         let vms: BTreeMap<String, VmRecord> = self
             .list()
             .into_iter()

@@ -1,0 +1,240 @@
+//! The invariants of a control plane at rest, read from every owner (vmmd's records, ipamd's
+//! leases, netd's TAPs and the bridge's ports, proxyd's routes, the hypervisor and vsock backend
+//! processes, iptables), for the reliability and concurrency runs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use volant_services::api::ipam::v1::ListLeasesRequest;
+use volant_services::api::net::v1::ListTapsRequest;
+use volant_services::api::proxy::v1::ListRoutesRequest;
+use volant_services::api::proxy::v1::proxy_client::ProxyClient;
+use volant_services::api::vmm::v1::{CreateVmRequest, ListVmsRequest, Vm, VmStatus};
+
+use crate::{ControlPlane, host_and_upstream, processes_by_arg};
+
+/// A control plane whose vmmd reconciles every two seconds, with `hello` installed.
+pub async fn control_plane() -> ControlPlane {
+    let (host, up) = host_and_upstream();
+    let cp = ControlPlane::start_in(
+        host,
+        up,
+        &[("RUST_LOG", "warn")],
+        "  stop_timeout_secs: 2\n  reconcile_interval_secs: 2",
+    )
+    .await;
+    cp.install_hello().await;
+    cp
+}
+
+pub fn request(name: &str, network: &str) -> CreateVmRequest {
+    CreateVmRequest {
+        name: name.into(),
+        plugin: "hello".into(),
+        network: network.into(),
+        memory_mb: 64,
+        ..Default::default()
+    }
+}
+
+/// The value of `vmm-<name>.sock` or `vhost-vsock-<name>.sock` in a process's arguments.
+fn vm_of(args: &[String], prefix: &str) -> Option<String> {
+    args.iter().find_map(|a| {
+        let i = a.find(prefix)?;
+        let rest = &a[i + prefix.len()..];
+        Some(rest[..rest.find(".sock")?].to_string())
+    })
+}
+
+/// What the system looks like right now, read from every owner.
+pub struct Snapshot {
+    pub vms: BTreeMap<String, Vm>,
+    pub leases: Vec<(String, String)>,
+    pub taps: Vec<(String, String)>,
+    pub links: BTreeSet<String>,
+    pub routes: Vec<String>,
+    pub hypervisors: Vec<String>,
+    pub backends: Vec<String>,
+    pub rules: String,
+}
+
+pub async fn snapshot(cp: &ControlPlane) -> Result<Snapshot, String> {
+    let e = |what: &str| {
+        let what = what.to_string();
+        move |s: tonic::Status| format!("{what}: {}", s.message())
+    };
+    let vms = cp
+        .vmm()
+        .list_vms(ListVmsRequest {})
+        .await
+        .map_err(e("ListVms"))?
+        .into_inner()
+        .vms;
+    let leases = cp
+        .ipam()
+        .list_leases(ListLeasesRequest::default())
+        .await
+        .map_err(e("ListLeases"))?
+        .into_inner()
+        .leases;
+    let taps = cp
+        .net()
+        .list_taps(ListTapsRequest::default())
+        .await
+        .map_err(e("ListTaps"))?
+        .into_inner()
+        .taps;
+    let routes = ProxyClient::new(cp.proxyd.channel())
+        .list_routes(ListRoutesRequest {})
+        .await
+        .map_err(e("ListRoutes"))?
+        .into_inner()
+        .routes;
+    let run = cp.run_dir().display().to_string();
+    Ok(Snapshot {
+        vms: vms.into_iter().map(|v| (v.name.clone(), v)).collect(),
+        leases: leases.into_iter().map(|l| (l.ip, l.vm)).collect(),
+        taps: taps.into_iter().map(|t| (t.name, t.vm)).collect(),
+        links: cp
+            .host
+            .sh("ip -o link show master volant0 | awk -F': ' '{print $2}' | cut -d@ -f1")
+            .lines()
+            .map(str::to_string)
+            .collect(),
+        routes: routes.into_iter().map(|r| r.vm).collect(),
+        hypervisors: processes_by_arg(&format!("{run}/vmm-"))
+            .iter()
+            .filter_map(|(_, args)| vm_of(args, "/vmm-"))
+            .collect(),
+        backends: processes_by_arg(&format!("{run}/vhost-vsock-"))
+            .iter()
+            .filter_map(|(_, args)| vm_of(args, "/vhost-vsock-"))
+            .collect(),
+        rules: cp
+            .host
+            .sh("iptables-save | grep -v '^#' | grep -i volant || true"),
+    })
+}
+
+/// The invariants that must hold at every instant (an address is never leased twice).
+pub fn always(s: &Snapshot) -> Vec<String> {
+    let mut seen = BTreeMap::new();
+    let mut bad = Vec::new();
+    for (ip, vm) in &s.leases {
+        if let Some(other) = seen.insert(ip, vm) {
+            bad.push(format!("{ip} is leased to both {other} and {vm}"));
+        }
+    }
+    let mut ips = BTreeMap::new();
+    for vm in s.vms.values().filter(|v| !v.ip_address.is_empty()) {
+        if let Some(other) = ips.insert(&vm.ip_address, &vm.name) {
+            bad.push(format!(
+                "{} is recorded for both {other} and {}",
+                vm.ip_address, vm.name
+            ));
+        }
+    }
+    bad
+}
+
+/// The invariants of a system at rest.
+pub fn at_rest(s: &Snapshot) -> Vec<String> {
+    let mut bad = always(s);
+    let running = |name: &str| {
+        s.vms
+            .get(name)
+            .is_some_and(|v| v.status == VmStatus::Running as i32)
+    };
+    for v in s.vms.values() {
+        let status = VmStatus::try_from(v.status).unwrap_or(VmStatus::Unspecified);
+        match status {
+            VmStatus::Running => {
+                let n = s.hypervisors.iter().filter(|h| **h == v.name).count();
+                if n != 1 {
+                    bad.push(format!("running {} has {n} hypervisors", v.name));
+                }
+                if v.network_mode == "bridge" {
+                    if !s.leases.contains(&(v.ip_address.clone(), v.name.clone())) {
+                        bad.push(format!("running {} has no lease", v.name));
+                    }
+                    if !s.links.contains(&v.tap_device) {
+                        bad.push(format!("running {} has no TAP on the bridge", v.name));
+                    }
+                } else if !s.routes.contains(&v.name) {
+                    bad.push(format!("running vsock {} has no route", v.name));
+                }
+            }
+            VmStatus::Failed => {
+                if !v.ip_address.is_empty() || !v.tap_device.is_empty() {
+                    bad.push(format!("failed {} still holds an address or a TAP", v.name));
+                }
+            }
+            other => bad.push(format!("{} is {other:?}", v.name)),
+        }
+    }
+    for (ip, vm) in &s.leases {
+        if s.vms.get(vm).is_none_or(|v| v.ip_address != *ip) {
+            bad.push(format!("lease {ip} of {vm}, which does not hold it"));
+        }
+    }
+    for (tap, vm) in &s.taps {
+        if s.vms.get(vm).is_none_or(|v| v.tap_device != *tap) {
+            bad.push(format!(
+                "netd keeps TAP {tap} of {vm}, which does not hold it"
+            ));
+        }
+    }
+    let held: BTreeSet<&str> = s.vms.values().map(|v| v.tap_device.as_str()).collect();
+    for link in &s.links {
+        if !held.contains(link.as_str()) {
+            bad.push(format!("TAP {link} on the bridge belongs to no VM"));
+        }
+    }
+    for vm in &s.routes {
+        if s.vms.get(vm).is_none_or(|v| v.network_mode != "vsock") {
+            bad.push(format!("a proxy route for {vm}, which is no vsock VM"));
+        }
+    }
+    for vm in &s.hypervisors {
+        if !running(vm) {
+            bad.push(format!("a hypervisor for {vm}, which is not running"));
+        }
+    }
+    for vm in &s.backends {
+        if !running(vm) {
+            bad.push(format!("a vsock backend for {vm}, which is not running"));
+        }
+    }
+    let mut lines = BTreeSet::new();
+    for line in s.rules.lines().filter(|l| l.starts_with("-A")) {
+        if !lines.insert(line) {
+            bad.push(format!("duplicated rule: {line}"));
+        }
+    }
+    bad
+}
+
+/// Waits up to `limit` for the invariants of rest; returns what still fails then, plus every
+/// instant violation seen on the way.
+pub async fn converge(cp: &ControlPlane, limit: Duration) -> Vec<String> {
+    let deadline = Instant::now() + limit;
+    let mut instant = Vec::new();
+    loop {
+        let last = match snapshot(cp).await {
+            Ok(s) => {
+                instant.extend(always(&s));
+                let bad = at_rest(&s);
+                if bad.is_empty() {
+                    return instant;
+                }
+                bad
+            }
+            Err(e) => vec![format!("a service does not answer: {e}")],
+        };
+        if Instant::now() > deadline {
+            instant.extend(last);
+            return instant;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

@@ -1,0 +1,147 @@
+//! Crash-proof, measured: VM creates and deletes in a loop while, at a random moment of each
+//! operation, a random service (ipamd, netd, proxyd or vmmd) is killed with `kill -9` and
+//! restarted. After each cycle the system must converge to the invariants
+//! ([`volant_tests::invariants`]): no address leased twice, no lease, TAP, route, hypervisor or
+//! vsock backend without a VM that holds it, no duplicated iptables rule, every VM running (with
+//! exactly one hypervisor) or cleanly failed (holding nothing). Short form here
+//! (`VOLANT_CHAOS_CYCLES`, default 12); the long form by hand:
+//! `VOLANT_CHAOS_CYCLES=200 cargo test -p volant-tests --test reliability -- --nocapture`
+//! (`VOLANT_CHAOS_SEED` replays a run).
+
+use std::time::{Duration, Instant};
+
+use volant_services::api::vmm::v1::DeleteVmRequest;
+use volant_tests::invariants::{control_plane, converge, request, snapshot};
+use volant_tests::{ControlPlane, Daemon};
+
+/// A small, seedable generator (xorshift64*), so a failing run can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n
+    }
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn victim(cp: &mut ControlPlane, i: u64) -> &mut Daemon {
+    match i {
+        0 => &mut cp.ipamd,
+        1 => &mut cp.netd,
+        2 => &mut cp.proxyd,
+        _ => &mut cp.vmmd,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos() {
+    let cycles: u64 = env_or("VOLANT_CHAOS_CYCLES", 12);
+    let seed: u64 = env_or(
+        "VOLANT_CHAOS_SEED",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+            | 1,
+    );
+    println!("chaos: {cycles} cycles, VOLANT_CHAOS_SEED={seed}");
+    let mut rng = Rng(seed);
+    let mut cp = control_plane().await;
+    let names = ["ipamd", "netd", "proxyd", "vmmd"];
+    let mut kills = [0u32; 4];
+    let (mut created, mut refused, mut deleted) = (0, 0, 0);
+    let mut violations = Vec::new();
+    let started = Instant::now();
+    for cycle in 0..cycles {
+        let vms: Vec<String> = snapshot(&cp)
+            .await
+            .map(|s| s.vms.into_keys().collect())
+            .unwrap_or_default();
+        let mut vmm = cp.vmm();
+        let create = vms.len() < 2 || (vms.len() < 5 && rng.below(10) < 6);
+        let op = if create {
+            let network = if rng.below(4) == 0 { "vsock" } else { "" };
+            let req = request(&format!("c{cycle}"), network);
+            tokio::spawn(async move { vmm.create_vm(req).await.map(drop) })
+        } else {
+            let req = DeleteVmRequest {
+                name: vms[rng.below(vms.len() as u64) as usize].clone(),
+                force: rng.below(2) == 0,
+            };
+            tokio::spawn(async move { vmm.delete_vm(req).await.map(drop) })
+        };
+        let who = rng.below(4);
+        let delay = Duration::from_millis(rng.below(150));
+        kills[who as usize] += 1;
+        tokio::time::sleep(delay).await;
+        let daemon = victim(&mut cp, who);
+        daemon.kill9();
+        daemon.restart().await;
+        let outcome = tokio::time::timeout(Duration::from_secs(60), op).await;
+        match outcome {
+            Ok(Ok(Ok(()))) if create => created += 1,
+            Ok(Ok(Ok(()))) => deleted += 1,
+            Ok(Ok(Err(e))) => {
+                refused += 1;
+                println!(
+                    "cycle {cycle}: {} killed after {delay:?}: {:?} {}",
+                    names[who as usize],
+                    e.code(),
+                    e.message()
+                );
+            }
+            _ => violations.push(format!("cycle {cycle}: the operation hung")),
+        }
+        for v in converge(&cp, Duration::from_secs(30)).await {
+            violations.push(format!(
+                "cycle {cycle} ({} killed after {delay:?}): {v}",
+                names[who as usize]
+            ));
+        }
+    }
+    // Everything deleted leaves nothing behind.
+    let left: Vec<String> = snapshot(&cp).await.unwrap().vms.into_keys().collect();
+    for name in left {
+        cp.vmm()
+            .delete_vm(DeleteVmRequest { name, force: true })
+            .await
+            .unwrap();
+    }
+    for v in converge(&cp, Duration::from_secs(30)).await {
+        violations.push(format!("after deleting everything: {v}"));
+    }
+    let s = snapshot(&cp).await.unwrap();
+    let left = [
+        ("VMs", s.vms.len()),
+        ("leases", s.leases.len()),
+        ("TAPs at netd", s.taps.len()),
+        ("TAPs on the bridge", s.links.len()),
+        ("routes", s.routes.len()),
+        ("hypervisors", s.hypervisors.len()),
+        ("vsock backends", s.backends.len()),
+    ];
+    for (what, n) in left.into_iter().filter(|(_, n)| *n > 0) {
+        violations.push(format!("after deleting everything, {n} {what} remain"));
+    }
+    println!(
+        "| cycles | kill -9 (ipamd/netd/proxyd/vmmd) | creates ok | deletes ok | refused | violations | wall |\n|---:|---|---:|---:|---:|---:|---:|\n| {cycles} | {} | {created} | {deleted} | {refused} | {} | {:.0} s |",
+        kills.map(|k| k.to_string()).join("/"),
+        violations.len(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        violations.is_empty(),
+        "seed {seed}: {} violations:\n{}",
+        violations.len(),
+        violations.join("\n")
+    );
+}
