@@ -13,6 +13,16 @@ use volant_services::api::vmm::v1 as pb;
 use crate::records::{Paths, Plugin};
 use crate::vmm::{CreateRequest, Vmm, vm_pb};
 
+/// Runs an operation that changes VMs on its own task, so that it reaches its end (or its
+/// compensation) even when the caller goes away: a dropped saga would leave a VM half made.
+async fn to_the_end<T: Send + 'static>(
+    op: impl std::future::Future<Output = Result<T, Status>> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::spawn(op)
+        .await
+        .map_err(|e| Status::internal(format!("the operation failed: {e}")))?
+}
+
 /// The gRPC face of vmmd.
 pub struct VmmService {
     vmm: Arc<Vmm>,
@@ -87,19 +97,23 @@ impl pb::vmm_server::Vmm for VmmService {
     ) -> Result<Response<pb::CreateVmResponse>, Status> {
         let r = req.into_inner();
         let span = tracing::info_span!("vm.create", vm = %r.name, plugin = %r.plugin);
-        let vm = self
-            .vmm
-            .create(CreateRequest {
-                name: r.name,
-                plugin: r.plugin,
-                cpu_cores: r.cpu_cores,
-                memory_mb: r.memory_mb,
-                network: r.network,
-                ip: r.ip,
-                kernel_cmdline: r.kernel_cmdline,
-            })
-            .instrument(span)
-            .await?;
+        let vmm = self.vmm.clone();
+        let vm = to_the_end(
+            async move {
+                vmm.create(CreateRequest {
+                    name: r.name,
+                    plugin: r.plugin,
+                    cpu_cores: r.cpu_cores,
+                    memory_mb: r.memory_mb,
+                    network: r.network,
+                    ip: r.ip,
+                    kernel_cmdline: r.kernel_cmdline,
+                })
+                .await
+            }
+            .instrument(span),
+        )
+        .await?;
         Ok(Response::new(pb::CreateVmResponse {
             vm: Some(vm_pb(&vm)),
         }))
@@ -129,7 +143,8 @@ impl pb::vmm_server::Vmm for VmmService {
         req: Request<pb::DeleteVmRequest>,
     ) -> Result<Response<pb::DeleteVmResponse>, Status> {
         let r = req.into_inner();
-        let deleted = self.vmm.delete(&r.name, r.force).await?;
+        let vmm = self.vmm.clone();
+        let deleted = to_the_end(async move { vmm.delete(&r.name, r.force).await }).await?;
         Ok(Response::new(pb::DeleteVmResponse { deleted }))
     }
 
@@ -137,7 +152,8 @@ impl pb::vmm_server::Vmm for VmmService {
         &self,
         req: Request<pb::StartVmRequest>,
     ) -> Result<Response<pb::StartVmResponse>, Status> {
-        let vm = self.vmm.start(&req.into_inner().name).await?;
+        let (vmm, name) = (self.vmm.clone(), req.into_inner().name);
+        let vm = to_the_end(async move { vmm.start(&name).await }).await?;
         Ok(Response::new(pb::StartVmResponse {
             vm: Some(vm_pb(&vm)),
         }))
@@ -147,7 +163,8 @@ impl pb::vmm_server::Vmm for VmmService {
         &self,
         req: Request<pb::StopVmRequest>,
     ) -> Result<Response<pb::StopVmResponse>, Status> {
-        let vm = self.vmm.stop(&req.into_inner().name).await?;
+        let (vmm, name) = (self.vmm.clone(), req.into_inner().name);
+        let vm = to_the_end(async move { vmm.stop(&name).await }).await?;
         Ok(Response::new(pb::StopVmResponse {
             vm: Some(vm_pb(&vm)),
         }))
@@ -157,7 +174,8 @@ impl pb::vmm_server::Vmm for VmmService {
         &self,
         req: Request<pb::RestartVmRequest>,
     ) -> Result<Response<pb::RestartVmResponse>, Status> {
-        let vm = self.vmm.restart(&req.into_inner().name).await?;
+        let (vmm, name) = (self.vmm.clone(), req.into_inner().name);
+        let vm = to_the_end(async move { vmm.restart(&name).await }).await?;
         Ok(Response::new(pb::RestartVmResponse {
             vm: Some(vm_pb(&vm)),
         }))

@@ -33,6 +33,9 @@ use crate::records::{Paths, Plugin, Status as VmStatus, Store, VmRecord};
 const CMDLINE_MAX: usize = 2048;
 /// How many locks the VMs' operations are spread over.
 const VM_LOCKS: usize = 64;
+/// How many creates, starts and deletes run at once; the rest wait their turn, so that a burst
+/// of requests queues here instead of piling up calls on the peers until their deadlines pass.
+const MAX_SAGAS: usize = 16;
 /// How long a hypervisor may take to exit after it was told to stop.
 const KILL_GRACE: Duration = Duration::from_secs(5);
 
@@ -93,6 +96,8 @@ pub struct Vmm {
     events: broadcast::Sender<pb::VmEvent>,
     /// Poked when a teardown left something behind at a peer, so reconciling comes early.
     dirty: tokio::sync::Notify,
+    /// Turns for the sagas ([`MAX_SAGAS`]).
+    sagas: tokio::sync::Semaphore,
 }
 
 fn invalid(m: impl Into<String>) -> Status {
@@ -249,9 +254,18 @@ impl Vmm {
             vms: Mutex::new(vms),
             locks: (0..VM_LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
             dirty: tokio::sync::Notify::new(),
+            sagas: tokio::sync::Semaphore::new(MAX_SAGAS),
             exits: Mutex::new(HashMap::new()),
             events,
         })
+    }
+
+    /// Waits for a saga's turn.
+    async fn turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>, Status> {
+        self.sagas
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("vmmd is shutting down"))
     }
 
     fn vm_lock(&self, name: &str) -> &tokio::sync::Mutex<()> {
@@ -484,6 +498,7 @@ impl Vmm {
                 });
         self.driver(hypervisor)?;
 
+        let _turn = self.turn().await?;
         let _vm = self.vm_lock(&req.name).lock().await;
         let now = SystemTime::now();
         let record = VmRecord {
@@ -848,6 +863,7 @@ impl Vmm {
     /// Deletes a VM; returns whether it existed.
     pub async fn delete(&self, name: &str, force: bool) -> Result<bool, Status> {
         dns_label("vm name", name).map_err(invalid)?;
+        let _turn = self.turn().await?;
         let _vm = self.vm_lock(name).lock().await;
         if !lock(&self.vms).contains_key(name) {
             return Ok(false);
@@ -884,6 +900,7 @@ impl Vmm {
 
     /// Starts a stopped or failed VM (running is fine too).
     pub async fn start(self: &Arc<Self>, name: &str) -> Result<VmRecord, Status> {
+        let _turn = self.turn().await?;
         let _vm = self.vm_lock(name).lock().await;
         let rec = self.get(name)?;
         match rec.status {
