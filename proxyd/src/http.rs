@@ -60,15 +60,6 @@ pub trait Meter: Send + Sync {
     fn carried(&self, outbound: bool, n: usize) -> Duration;
 }
 
-/// No limits, no counting.
-pub struct Unmetered;
-
-impl Meter for Unmetered {
-    fn carried(&self, _: bool, _: usize) -> Duration {
-        Duration::ZERO
-    }
-}
-
 /// Carries bytes both ways between `a` (the guest side) and `b` until both sides have finished,
 /// a side is idle for `idle`, or `total` passes. Returns the bytes carried (a→b, b→a).
 pub async fn pipe<A, B>(
