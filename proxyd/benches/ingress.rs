@@ -1,10 +1,15 @@
 //! Ingress cost: the real proxyd binary in front of a host-side hybrid-vsock endpoint (it
 //! speaks `CONNECT`/`OK` and then echoes HTTP/1.1 bodies, so proxyd's own cost is isolated from
-//! a guest's), against the same endpoint reached directly with the same handshake. One client
-//! for latency, eight for throughput; bodies of 1 KiB and 1 MiB go up and come back.
-//! `cargo bench -p proxyd --bench ingress` (as root or not; no namespace needed).
+//! a guest's), against the same endpoint reached directly with the same handshake, and through
+//! a bare relay: this same binary re-run as a single-threaded tokio process that copies bytes
+//! both ways and understands nothing, the cheapest extra hop there is and so the floor for any
+//! proxy on this machine. One client for latency, eight for throughput; bodies of 1 KiB and
+//! 1 MiB go up and come back. `cargo bench -p proxyd --bench ingress` (as root or not; no
+//! namespace needed); under `taskset -c 0` everything shares one CPU, which takes wake-ups across
+//! CPUs out of the latency.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -20,6 +25,53 @@ mod common;
 use common::{Mode, Proxyd, endpoint};
 
 const CLIENTS: usize = 8;
+/// Set (to `<listen path>:<target path>`) in the relay's environment.
+const RELAY: &str = "VOLANT_BENCH_RELAY";
+
+/// The bare relay: accepts on `listen`, and copies bytes both ways between each client and a
+/// fresh connection to `target`.
+fn relay(listen: PathBuf, target: PathBuf) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let l = tokio::net::UnixListener::bind(&listen).unwrap();
+        loop {
+            let (mut c, _) = l.accept().await.unwrap();
+            let target = target.clone();
+            tokio::spawn(async move {
+                let mut u = UnixStream::connect(target).await.unwrap();
+                let _ = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut u, 1 << 16, 1 << 16)
+                    .await;
+            });
+        }
+    });
+}
+
+/// The relay process, killed when dropped.
+struct Relay(Child);
+
+impl Relay {
+    async fn start(listen: &Path, target: &Path) -> Relay {
+        let spec = format!("{}:{}", listen.display(), target.display());
+        let child = Command::new(std::env::current_exe().unwrap())
+            .env(RELAY, spec)
+            .spawn()
+            .unwrap();
+        while !listen.exists() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Relay(child)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 async fn client(path: &Path, handshake: bool) -> SendRequest<Full<Bytes>> {
     let mut s = UnixStream::connect(path).await.unwrap();
@@ -81,16 +133,16 @@ fn cpu(pid: &str) -> f64 {
 }
 
 /// Requests per second with `CLIENTS` connections for `secs`, and the CPU µs each request cost
-/// the bench process (clients and endpoint) and proxyd.
+/// the bench process (clients and endpoint) and the process in between (`hop`).
 async fn throughput(
     path: &Path,
     handshake: bool,
     uri: &'static str,
     body: &Bytes,
     secs: Duration,
-    proxyd: &str,
+    hop: &str,
 ) -> (f64, f64, f64) {
-    let before = (cpu("self"), cpu(proxyd));
+    let before = (cpu("self"), cpu(hop));
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..CLIENTS {
@@ -111,11 +163,18 @@ async fn throughput(
     }
     let rate = total as f64 / start.elapsed().as_secs_f64();
     let per = |a: f64, b: f64| (b - a) * 1e6 / total as f64;
-    (rate, per(before.0, cpu("self")), per(before.1, cpu(proxyd)))
+    (rate, per(before.0, cpu("self")), per(before.1, cpu(hop)))
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    if let Ok(spec) = std::env::var(RELAY) {
+        let (listen, target) = spec.split_once(':').unwrap();
+        return relay(listen.into(), target.into());
+    }
+    tokio::runtime::Runtime::new().unwrap().block_on(bench());
+}
+
+async fn bench() {
     let dir = tempfile::tempdir().unwrap();
     let px = Proxyd::start(dir.path(), "").await;
     let run = px.run.clone();
@@ -124,10 +183,12 @@ async fn main() {
     px.register("bench", 3, &hybrid, EgressPolicy::default())
         .await;
     let ingress = run.join("proxyd-ingress.sock");
+    let bare = run.join("relay.sock");
+    let relay = Relay::start(&bare, &hybrid).await;
     let secs = Duration::from_secs(3);
-    let pid = px.pid().to_string();
+    let (proxyd, relayd) = (px.pid().to_string(), relay.0.id().to_string());
     println!(
-        "| body | path | p50 µs | p99 µs | req/s ({CLIENTS} clients) | MB/s each way | CPU µs/req: clients + endpoint | CPU µs/req: proxyd |"
+        "| body | path | p50 µs | p99 µs | req/s ({CLIENTS} clients) | MB/s each way | CPU µs/req: clients + endpoint | CPU µs/req: the hop |"
     );
     println!("|---|---|---:|---:|---:|---:|---:|---:|");
     for (label, size, n) in [("1 KiB", 1024usize, 4000usize), ("1 MiB", 1 << 20, 300)] {
@@ -138,19 +199,32 @@ async fn main() {
                 hybrid.as_path(),
                 true,
                 "/echo",
+                "",
+            ),
+            (
+                "through a bare relay",
+                bare.as_path(),
+                true,
+                "/echo",
+                relayd.as_str(),
             ),
             (
                 "through proxyd's ingress",
                 ingress.as_path(),
                 false,
                 "/api/v1/vms/bench/proxy/echo",
+                proxyd.as_str(),
             ),
         ];
         let mut p50s = Vec::new();
         let mut rates = Vec::new();
-        for (what, path, handshake, uri) in rows {
+        for (what, path, handshake, uri, hop) in rows {
             let (p50, p99) = latency(path, handshake, uri, &body, n).await;
-            let (rate, ours, theirs) = throughput(path, handshake, uri, &body, secs, &pid).await;
+            let hop = if hop.is_empty() { "self" } else { hop };
+            let (rate, ours, mut theirs) = throughput(path, handshake, uri, &body, secs, hop).await;
+            if hop == "self" {
+                theirs = 0.0;
+            }
             println!(
                 "| {label} | {what} | {p50:.0} | {p99:.0} | {rate:.0} | {:.1} | {ours:.1} | {theirs:.1} |",
                 rate * size as f64 / 1e6
@@ -158,10 +232,12 @@ async fn main() {
             p50s.push(p50);
             rates.push(rate);
         }
-        println!(
-            "| {label} | proxyd's cost | +{:.0} µs p50 | | {:.2} of direct | | | |",
-            p50s[1] - p50s[0],
-            rates[1] / rates[0]
-        );
+        for (what, i) in [("a bare relay's cost", 1), ("proxyd's cost", 2)] {
+            println!(
+                "| {label} | {what} | +{:.0} µs p50 | | {:.2} of direct | | | |",
+                p50s[i] - p50s[0],
+                rates[i] / rates[0]
+            );
+        }
     }
 }
