@@ -4,7 +4,8 @@
 //! a bare relay: this same binary re-run as a single-threaded tokio process that copies bytes
 //! both ways and understands nothing, the cheapest extra hop there is and so the floor for any
 //! proxy on this machine. One client for latency, eight for throughput; bodies of 1 KiB and
-//! 1 MiB go up and come back. `cargo bench -p proxyd --bench ingress` (as root or not; no
+//! 1 MiB go up and come back. Last, 1 KiB requests each on a connection of its own, as the
+//! gateway sends them. `cargo bench -p proxyd --bench ingress` (as root or not; no
 //! namespace needed); under `taskset -c 0` everything shares one CPU, which takes wake-ups across
 //! CPUs out of the latency.
 
@@ -108,8 +109,16 @@ fn pct(v: &mut [Duration], p: f64) -> f64 {
     v[((v.len() as f64 * p) as usize).min(v.len() - 1)].as_secs_f64() * 1e6
 }
 
-/// p50 and p99 in µs of `n` sequential requests on one connection.
-async fn latency(path: &Path, handshake: bool, uri: &str, body: &Bytes, n: usize) -> (f64, f64) {
+/// p50 and p99 in µs of `n` sequential requests, on one connection or (`fresh`) each on a new
+/// one (its connecting and handshake included).
+async fn latency(
+    path: &Path,
+    handshake: bool,
+    uri: &str,
+    body: &Bytes,
+    n: usize,
+    fresh: bool,
+) -> (f64, f64) {
     let mut c = client(path, handshake).await;
     for _ in 0..n / 10 {
         once(&mut c, uri, body).await;
@@ -117,6 +126,9 @@ async fn latency(path: &Path, handshake: bool, uri: &str, body: &Bytes, n: usize
     let mut lat = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
+        if fresh {
+            c = client(path, handshake).await;
+        }
         once(&mut c, uri, body).await;
         lat.push(t.elapsed());
     }
@@ -219,7 +231,7 @@ async fn bench() {
         let mut p50s = Vec::new();
         let mut rates = Vec::new();
         for (what, path, handshake, uri, hop) in rows {
-            let (p50, p99) = latency(path, handshake, uri, &body, n).await;
+            let (p50, p99) = latency(path, handshake, uri, &body, n, false).await;
             let hop = if hop.is_empty() { "self" } else { hop };
             let (rate, ours, mut theirs) = throughput(path, handshake, uri, &body, secs, hop).await;
             if hop == "self" {
@@ -240,4 +252,36 @@ async fn bench() {
             );
         }
     }
+    let body = Bytes::from(vec![7u8; 1024]);
+    let mut p50s = Vec::new();
+    for (what, path, handshake, uri, hop) in [
+        (
+            "direct, a connection per request",
+            hybrid.as_path(),
+            true,
+            "/echo",
+            "self",
+        ),
+        (
+            "through proxyd's ingress, a connection per request",
+            ingress.as_path(),
+            false,
+            "/api/v1/vms/bench/proxy/echo",
+            proxyd.as_str(),
+        ),
+    ] {
+        let (n, before) = (2000, cpu(hop));
+        let (p50, p99) = latency(path, handshake, uri, &body, n, true).await;
+        let theirs = if hop == "self" {
+            0.0
+        } else {
+            (cpu(hop) - before) * 1e6 / (n + n / 10) as f64
+        };
+        println!("| 1 KiB | {what} | {p50:.0} | {p99:.0} | | | | {theirs:.1} |");
+        p50s.push(p50);
+    }
+    println!(
+        "| 1 KiB | proxyd's cost, a connection per request | +{:.0} µs p50 | | | | | |",
+        p50s[1] - p50s[0]
+    );
 }

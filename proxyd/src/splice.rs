@@ -137,8 +137,11 @@ async fn within<T>(idle: Duration, fut: impl Future<Output = io::Result<T>>) -> 
 }
 
 /// Bytes read from a socket and not yet used: a head being parsed, and what came after it.
+/// It starts at one read's size and grows only for a head that does not fit, so a connection
+/// costs little memory and no page faults until it needs more.
 pub struct Buf {
-    data: Box<[u8]>,
+    data: Vec<u8>,
+    cap: usize,
     start: usize,
     end: usize,
 }
@@ -147,7 +150,8 @@ impl Buf {
     /// An empty buffer holding at most `cap` bytes.
     pub fn new(cap: usize) -> Buf {
         Buf {
-            data: vec![0; cap].into_boxed_slice(),
+            data: Vec::new(),
+            cap,
             start: 0,
             end: 0,
         }
@@ -174,7 +178,7 @@ impl Buf {
 
     /// Whether the buffer cannot take more.
     pub fn is_full(&self) -> bool {
-        self.start == 0 && self.end == self.data.len()
+        self.start == 0 && self.end == self.cap
     }
 
     /// Reads more from `s`, at most [`READ_SIZE`] bytes so that a body following a head is
@@ -184,6 +188,10 @@ impl Buf {
             self.data.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
+        }
+        if self.data.len() - self.end < READ_SIZE && self.data.len() < self.cap {
+            let grown = (self.data.len() * 2).max(READ_SIZE).min(self.cap);
+            self.data.resize(grown, 0);
         }
         let room = (self.data.len() - self.end).min(READ_SIZE);
         let n = s.read(&mut self.data[self.end..self.end + room]).await?;

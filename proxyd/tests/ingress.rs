@@ -88,6 +88,29 @@ async fn ingress_routes_reuses_refuses_and_survives_a_crash() {
     assert_eq!(headers["x-seen-keep-alive"], "false");
     assert_eq!(headers["x-seen-custom"], "kept");
 
+    // Heads far larger than one read pass both ways, up to the limits.
+    let big = "v".repeat(40 * 1024);
+    let req = hyper::Request::get("/api/v1/vms/web/proxy/big")
+        .header("host", "x")
+        .header("x-custom", big.as_str())
+        .header("x-pad", "p".repeat(150 * 1024))
+        .body(Full::default())
+        .unwrap();
+    let (code, headers, _) = send(&mut c, req).await;
+    assert_eq!(code, 200);
+    assert_eq!(headers["x-seen-custom"], big.as_str());
+    let mut raw = tokio::net::UnixStream::connect(&ingress).await.unwrap();
+    let huge = format!(
+        "GET /api/v1/vms/web/proxy/ HTTP/1.1\r\nhost: x\r\nx-pad: {}\r\n",
+        "p".repeat(300 * 1024)
+    );
+    let (mut rd, mut wr) = raw.split();
+    let (_, answer) = tokio::join!(wr.write_all(huge.as_bytes()), async {
+        let mut answer = vec![0u8; 12];
+        rd.read_exact(&mut answer).await.map(|_| answer)
+    });
+    assert_eq!(&answer.unwrap(), b"HTTP/1.1 431");
+
     // The errors proxyd answers itself.
     let (code, _, body) = send(&mut c, get("/api/v1/vms/dead/proxy/")).await;
     assert_eq!(code, 502, "{body}");
