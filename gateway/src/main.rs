@@ -2,6 +2,7 @@
 
 mod doors;
 mod error;
+mod ingress;
 mod model;
 mod networks;
 mod peers;
@@ -61,7 +62,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .iter()
             .map(|(name, ch)| (*name, HealthClient::new(ch.clone())))
             .collect(),
-        ingress,
+        ingress: Arc::new(ingress::Ingress::new(ingress)),
     };
     let g = &daemon.config.gateway;
     let doors = doors::Doors::new(

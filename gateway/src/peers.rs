@@ -29,7 +29,7 @@ pub struct Peers {
     /// Each service's health, by name.
     pub health: Vec<(&'static str, HealthClient<Channel>)>,
     /// proxyd's ingress HTTP listener.
-    pub ingress: volant_services::addr::Addr,
+    pub ingress: std::sync::Arc<crate::ingress::Ingress>,
 }
 
 tokio::task_local! {

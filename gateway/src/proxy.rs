@@ -1,19 +1,19 @@
 //! `ANY /api/v1/vms/{name}/proxy/{path...}`: HTTP and WebSocket to a VM's workload. A vsock VM is
 //! reached through proxyd's ingress (which speaks hybrid vsock to kestrel); a bridge VM directly
 //! at its address and workload port. The body streams both ways; an upgrade is spliced.
+//! Connections to proxyd are kept and reused ([`Ingress`]); one to a bridge VM serves one request.
 
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
-use volant_services::addr::Addr;
 use volant_services::api::vmm::v1 as vmm;
-use volant_services::daemon::Io;
 use volant_services::hop;
 
 use crate::error::{ApiError, By, ErrorBody, Path};
+use crate::ingress::Ingress;
 use crate::peers::{LIFECYCLE, Peers, READ, req};
 
 /// How long an upgraded connection may live.
@@ -27,19 +27,38 @@ fn bad_gateway(name: &str, e: impl std::fmt::Display) -> ApiError {
     )
 }
 
-/// Sends `req` over `io` on a fresh HTTP/1.1 connection; splices an accepted upgrade.
-async fn send<I>(io: I, mut req: Request, name: &str) -> Result<Response, ApiError>
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+/// What became of a request on a connection.
+enum Sent {
+    Answered(Response),
+    /// The connection closed before the request went out; here it is back.
+    Unsent(Request),
+}
+
+impl Sent {
+    /// The answer; a request that never went out is the VM's failure to answer.
+    fn answer(self, name: &str) -> Result<Response, ApiError> {
+        match self {
+            Sent::Answered(res) => Ok(res),
+            Sent::Unsent(_) => Err(bad_gateway(
+                name,
+                "the connection closed before the request",
+            )),
+        }
+    }
+}
+
+/// Sends `req` on `sender` and splices an accepted upgrade. A connection that answered an
+/// ordinary request goes back to `keep`.
+async fn exchange(
+    mut sender: SendRequest<Body>,
+    mut req: Request,
+    name: &str,
+    keep: Option<&Ingress>,
+) -> Result<Sent, ApiError> {
     let upgrade = hop::wants_upgrade(req.headers());
     let incoming = upgrade.then(|| hyper::upgrade::on(&mut req));
     hop::strip(req.headers_mut(), upgrade);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-        .await
-        .map_err(|e| bad_gateway(name, e))?;
-    tokio::spawn(conn.with_upgrades());
-    let mut res = tokio::time::timeout(LIFECYCLE, sender.send_request(req))
+    let sent = tokio::time::timeout(LIFECYCLE, sender.try_send_request(req))
         .await
         .map_err(|_| {
             ApiError::new(
@@ -47,26 +66,57 @@ where
                 "GATEWAY_TIMEOUT",
                 format!("vm {name:?} did not answer within {LIFECYCLE:?}"),
             )
-        })?
-        .map_err(|e| bad_gateway(name, e))?;
-    if let Some(incoming) = incoming
-        && res.status() == StatusCode::SWITCHING_PROTOCOLS
-    {
-        let outgoing = hyper::upgrade::on(&mut res);
-        tokio::spawn(async move {
-            if let (Ok(a), Ok(b)) = (incoming.await, outgoing.await) {
-                let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
-                let _ = tokio::time::timeout(
-                    UPGRADED_LIMIT,
-                    tokio::io::copy_bidirectional(&mut a, &mut b),
-                )
-                .await;
-            }
-        });
-    } else {
-        hop::strip(res.headers_mut(), false);
+        })?;
+    let mut res = match sent {
+        Ok(res) => res,
+        Err(mut e) => {
+            return match e.take_message() {
+                Some(req) => Ok(Sent::Unsent(req)),
+                None => Err(bad_gateway(name, e.into_error())),
+            };
+        }
+    };
+    if let Some(incoming) = incoming {
+        if res.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let outgoing = hyper::upgrade::on(&mut res);
+            tokio::spawn(async move {
+                if let (Ok(a), Ok(b)) = (incoming.await, outgoing.await) {
+                    let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
+                    let _ = tokio::time::timeout(
+                        UPGRADED_LIMIT,
+                        tokio::io::copy_bidirectional(&mut a, &mut b),
+                    )
+                    .await;
+                }
+            });
+            return Ok(Sent::Answered(res.map(Body::new)));
+        }
+    } else if let Some(keep) = keep {
+        keep.give_back(sender);
     }
-    Ok(res.map(Body::new))
+    hop::strip(res.headers_mut(), false);
+    Ok(Sent::Answered(res.map(Body::new)))
+}
+
+/// Sends `req` through proxyd's ingress: on a kept connection when one is ready (and again on a
+/// new one if that closed before the request went out), else on a new one.
+async fn through_ingress(
+    ingress: &Ingress,
+    mut req: Request,
+    name: &str,
+) -> Result<Response, ApiError> {
+    if !hop::wants_upgrade(req.headers())
+        && let Some(kept) = ingress.take()
+    {
+        match exchange(kept, req, name, Some(ingress)).await? {
+            Sent::Answered(res) => return Ok(res),
+            Sent::Unsent(back) => req = back,
+        }
+    }
+    let fresh = ingress.connect().await?;
+    exchange(fresh, req, name, Some(ingress))
+        .await?
+        .answer(name)
 }
 
 /// HTTP and WebSocket to the VM's workload.
@@ -122,25 +172,7 @@ async fn forward(p: Peers, name: String, mut req: Request) -> Result<Response, A
         .to_string();
     if vm.network_mode == "vsock" {
         // proxyd reads the VM and the path from the original path.
-        let io: Box<dyn Io> = match &p.ingress {
-            Addr::Unix(path) => {
-                Box::new(tokio::net::UnixStream::connect(path).await.map_err(|e| {
-                    ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "UNAVAILABLE",
-                        format!("proxyd's ingress at {}: {e}", path.display()),
-                    )
-                })?)
-            }
-            Addr::Tcp(hp) => Box::new(tokio::net::TcpStream::connect(hp).await.map_err(|e| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "UNAVAILABLE",
-                    format!("proxyd's ingress at {hp}: {e}"),
-                )
-            })?),
-        };
-        return send(io, req, &name).await;
+        return through_ingress(&p.ingress, req, &name).await;
     }
     if vm.http_port == 0 || vm.ip_address.is_empty() {
         return Err(ApiError::from(tonic::Status::failed_precondition(format!(
@@ -169,7 +201,11 @@ async fn forward(p: Peers, name: String, mut req: Request) -> Result<Response, A
     .map_err(|_| bad_gateway(&name, "its workload did not accept a connection in time"))?
     .map_err(|e| bad_gateway(&name, e))?;
     let _ = tcp.set_nodelay(true);
-    send(tcp, req, &name).await
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| bad_gateway(&name, e))?;
+    tokio::spawn(conn.with_upgrades());
+    exchange(sender, req, &name, None).await?.answer(&name)
 }
 
 fn req_of(name: &str) -> tonic::Request<vmm::GetVmRequest> {
@@ -179,4 +215,98 @@ fn req_of(name: &str) -> tonic::Request<vmm::GetVmRequest> {
         },
         READ,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use volant_services::addr::Addr;
+
+    use super::*;
+
+    /// An HTTP/1.1 server on a Unix socket answering `ok` to each request head (4 MiB to a path
+    /// ending in `big`); it counts its connections, and with `once` closes each after one answer
+    /// without saying so.
+    fn server(path: &std::path::Path, once: bool) -> Arc<AtomicUsize> {
+        let listener = tokio::net::UnixListener::bind(path).unwrap();
+        let count = Arc::new(AtomicUsize::new(0));
+        let seen = count.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                seen.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1024];
+                    while let Ok(n @ 1..) = s.read(&mut b).await {
+                        head.extend_from_slice(&b[..n]);
+                        while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let big = head.starts_with(b"GET /api/v1/vms/web/proxy/big ");
+                            head.drain(..end + 4);
+                            let answer = if big {
+                                let mut a =
+                                    b"HTTP/1.1 200 OK\r\ncontent-length: 4194304\r\n\r\n".to_vec();
+                                a.resize(a.len() + (4 << 20), b'x');
+                                a
+                            } else {
+                                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec()
+                            };
+                            if s.write_all(&answer).await.is_err() || once {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        count
+    }
+
+    async fn get(ingress: &Ingress, path: &str) -> Response {
+        let req = Request::get(format!("/api/v1/vms/web/proxy/{path}"))
+            .body(Body::empty())
+            .unwrap();
+        through_ingress(ingress, req, "web").await.unwrap()
+    }
+
+    async fn text(res: Response) -> String {
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8_lossy(&body).into()
+    }
+
+    #[tokio::test]
+    async fn connections_to_the_ingress_are_kept_and_replaced() {
+        let dir = std::env::temp_dir().join(format!("volant-gateway-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (steady, closing) = (dir.join("steady.sock"), dir.join("closing.sock"));
+        let _ = std::fs::remove_file(&steady);
+        let _ = std::fs::remove_file(&closing);
+
+        // Answered requests one after another share one connection.
+        let count = server(&steady, false);
+        let ingress = Ingress::new(Addr::Unix(steady));
+        for _ in 0..5 {
+            assert_eq!(text(get(&ingress, "").await).await, "ok");
+        }
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+        // One whose answer is still being read is not lent to the next request.
+        let unread = get(&ingress, "big").await;
+        assert_eq!(text(get(&ingress, "").await).await, "ok");
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+        assert_eq!(text(unread).await.len(), 4 << 20);
+
+        // Connections the other side closed are dropped, not used.
+        let count = server(&closing, true);
+        let ingress = Ingress::new(Addr::Unix(closing));
+        for _ in 0..3 {
+            assert_eq!(text(get(&ingress, "").await).await, "ok");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert_eq!(count.load(Ordering::SeqCst), 3);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
