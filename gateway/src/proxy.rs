@@ -41,7 +41,7 @@ impl Sent {
             Sent::Answered(res) => Ok(res),
             Sent::Unsent(_) => Err(bad_gateway(
                 name,
-                "the connection closed before the request",
+                "the connection closed before the request went out",
             )),
         }
     }
