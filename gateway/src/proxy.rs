@@ -295,6 +295,7 @@ mod tests {
         assert_eq!(count.load(Ordering::SeqCst), 1);
         // One whose answer is still being read is not lent to the next request.
         let unread = get(&ingress, "big").await;
+        assert!(ingress.take().is_none(), "the only kept connection is busy");
         assert_eq!(text(get(&ingress, "").await).await, "ok");
         assert_eq!(count.load(Ordering::SeqCst), 2);
         assert_eq!(text(unread).await.len(), 4 << 20);
