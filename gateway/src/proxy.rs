@@ -7,6 +7,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use hyper::body::Body as HttpBody;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use volant_services::api::vmm::v1 as vmm;
@@ -32,10 +33,12 @@ enum Sent {
     Answered(Response),
     /// The connection closed before the request went out; here it is back.
     Unsent(Request),
+    /// The connection closed after the request went out, before any answer came.
+    Unanswered(hyper::Error),
 }
 
 impl Sent {
-    /// The answer; a request that never went out is the VM's failure to answer.
+    /// The answer; a request that got none is the VM's failure to answer.
     fn answer(self, name: &str) -> Result<Response, ApiError> {
         match self {
             Sent::Answered(res) => Ok(res),
@@ -43,8 +46,23 @@ impl Sent {
                 name,
                 "the connection closed before the request went out",
             )),
+            Sent::Unanswered(e) => Err(bad_gateway(name, e)),
         }
     }
+}
+
+/// A copy of `req` to send again if the first went out but got no answer: only for an idempotent
+/// method without a body (RFC 9110, 9.2.2), the case of a kept connection closed as it was used.
+fn replayable(req: &Request) -> Option<Request> {
+    if !req.method().is_idempotent() || HttpBody::size_hint(req.body()).exact() != Some(0) {
+        return None;
+    }
+    let mut copy = Request::new(Body::empty());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
 }
 
 /// Sends `req` on `sender` and splices an accepted upgrade. A connection that answered an
@@ -72,6 +90,7 @@ async fn exchange(
         Err(mut e) => {
             return match e.take_message() {
                 Some(req) => Ok(Sent::Unsent(req)),
+                None if e.error().is_incomplete_message() => Ok(Sent::Unanswered(e.into_error())),
                 None => Err(bad_gateway(name, e.into_error())),
             };
         }
@@ -98,8 +117,9 @@ async fn exchange(
     Ok(Sent::Answered(res.map(Body::new)))
 }
 
-/// Sends `req` through proxyd's ingress: on a kept connection when one is ready (and again on a
-/// new one if that closed before the request went out), else on a new one.
+/// Sends `req` through proxyd's ingress: on a kept connection when one is ready, else on a new
+/// one. If the kept one closes before the request went out, or before its answer for a request
+/// that may be sent twice, the request goes again on a new connection.
 async fn through_ingress(
     ingress: &Ingress,
     mut req: Request,
@@ -108,9 +128,11 @@ async fn through_ingress(
     if !hop::wants_upgrade(req.headers())
         && let Some(kept) = ingress.take()
     {
+        let again = replayable(&req);
         match exchange(kept, req, name, Some(ingress)).await? {
             Sent::Answered(res) => return Ok(res),
             Sent::Unsent(back) => req = back,
+            Sent::Unanswered(e) => req = again.ok_or_else(|| bad_gateway(name, e))?,
         }
     }
     let fresh = ingress.connect().await?;
@@ -228,18 +250,28 @@ mod tests {
 
     use super::*;
 
+    /// When the test server closes a connection, without saying so.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Close {
+        Never,
+        AfterAnswer,
+        /// On reading a second request, unanswered: a kept connection closed as it is used.
+        AtSecondRequest,
+    }
+
     /// An HTTP/1.1 server on a Unix socket answering `ok` to each request head (4 MiB to a path
-    /// ending in `big`); it counts its connections, and with `once` closes each after one answer
-    /// without saying so.
-    fn server(path: &std::path::Path, once: bool) -> Arc<AtomicUsize> {
+    /// ending in `big`); it counts its connections and the requests it reads.
+    fn server(path: &std::path::Path, close: Close) -> (Arc<AtomicUsize>, Arc<AtomicUsize>) {
         let listener = tokio::net::UnixListener::bind(path).unwrap();
-        let count = Arc::new(AtomicUsize::new(0));
-        let seen = count.clone();
+        let (count, requests) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (seen, read) = (count.clone(), requests.clone());
         tokio::spawn(async move {
             loop {
                 let (mut s, _) = listener.accept().await.unwrap();
                 seen.fetch_add(1, Ordering::SeqCst);
+                let read = read.clone();
                 tokio::spawn(async move {
+                    let mut served = 0;
                     let mut head = Vec::new();
                     let mut b = [0u8; 1024];
                     while let Ok(n @ 1..) = s.read(&mut b).await {
@@ -247,6 +279,11 @@ mod tests {
                         while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
                             let big = head.starts_with(b"GET /api/v1/vms/web/proxy/big ");
                             head.drain(..end + 4);
+                            read.fetch_add(1, Ordering::SeqCst);
+                            served += 1;
+                            if close == Close::AtSecondRequest && served == 2 {
+                                return;
+                            }
                             let answer = if big {
                                 let mut a =
                                     b"HTTP/1.1 200 OK\r\ncontent-length: 4194304\r\n\r\n".to_vec();
@@ -255,7 +292,7 @@ mod tests {
                             } else {
                                 b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec()
                             };
-                            if s.write_all(&answer).await.is_err() || once {
+                            if s.write_all(&answer).await.is_err() || close == Close::AfterAnswer {
                                 return;
                             }
                         }
@@ -263,14 +300,20 @@ mod tests {
                 });
             }
         });
-        count
+        (count, requests)
+    }
+
+    async fn send(ingress: &Ingress, method: &str, path: &str) -> Result<Response, ApiError> {
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("/api/v1/vms/web/proxy/{path}"))
+            .body(Body::empty())
+            .unwrap();
+        through_ingress(ingress, req, "web").await
     }
 
     async fn get(ingress: &Ingress, path: &str) -> Response {
-        let req = Request::get(format!("/api/v1/vms/web/proxy/{path}"))
-            .body(Body::empty())
-            .unwrap();
-        through_ingress(ingress, req, "web").await.unwrap()
+        send(ingress, "GET", path).await.unwrap()
     }
 
     async fn text(res: Response) -> String {
@@ -287,7 +330,7 @@ mod tests {
         let _ = std::fs::remove_file(&closing);
 
         // Answered requests one after another share one connection.
-        let count = server(&steady, false);
+        let (count, _) = server(&steady, Close::Never);
         let ingress = Ingress::new(Addr::Unix(steady));
         for _ in 0..5 {
             assert_eq!(text(get(&ingress, "").await).await, "ok");
@@ -301,13 +344,50 @@ mod tests {
         assert_eq!(text(unread).await.len(), 4 << 20);
 
         // Connections the other side closed are dropped, not used.
-        let count = server(&closing, true);
+        let (count, _) = server(&closing, Close::AfterAnswer);
         let ingress = Ingress::new(Addr::Unix(closing));
         for _ in 0..3 {
             assert_eq!(text(get(&ingress, "").await).await, "ok");
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         assert_eq!(count.load(Ordering::SeqCst), 3);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_kept_connection_closed_as_it_is_used_resends_only_what_may_be_sent_twice() {
+        let dir =
+            std::env::temp_dir().join(format!("volant-gateway-resend-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("drop.sock");
+        let _ = std::fs::remove_file(&path);
+        let (count, requests) = server(&path, Close::AtSecondRequest);
+        let ingress = Ingress::new(Addr::Unix(path));
+
+        // A GET on the kept connection is read, then the connection closes: sent again on a new one.
+        assert_eq!(text(get(&ingress, "").await).await, "ok");
+        assert_eq!(text(get(&ingress, "").await).await, "ok");
+        assert_eq!(
+            (
+                count.load(Ordering::SeqCst),
+                requests.load(Ordering::SeqCst)
+            ),
+            (2, 3)
+        );
+
+        // A POST there is not sent twice: the workload may have acted on it.
+        let err = send(&ingress, "POST", "")
+            .await
+            .unwrap_err()
+            .into_response();
+        assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            (
+                count.load(Ordering::SeqCst),
+                requests.load(Ordering::SeqCst)
+            ),
+            (2, 4)
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
