@@ -206,6 +206,19 @@ async fn a_vm_through_volar_and_curl() {
     ]);
     assert!(!r.ok && r.err.contains("already forwards"), "{}", r.err);
 
+    // Restart waits for the new boot's guest (the console still holds the last boot's "ready"):
+    // the workload answers as soon as volar returns, at the same address, through the forward.
+    let r = fd.volar(&["vms", "restart", "web"]);
+    assert!(r.ok && r.out.contains("running"), "{}{}", r.out, r.err);
+    let (code, who) = fd
+        .cp
+        .up
+        .http_get("10.99.0.1:8080", "/cgi-bin/whoami")
+        .unwrap();
+    assert_eq!((code, who.trim()), (200, "web"));
+    let r = fd.volar(&["vms", "logs", "web"]);
+    assert_eq!(r.out.matches("kestrel: ready").count(), 2, "{}", r.out);
+
     // The lease table as the guide shows it.
     let r = fd.volar(&["debug", "ipam"]);
     let mut lines = r.out.lines();

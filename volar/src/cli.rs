@@ -99,6 +99,17 @@ pub struct Setup {
     pub root: std::path::PathBuf,
 }
 
+/// Whether and how long a command that boots a guest waits for it.
+#[derive(Args)]
+pub struct Wait {
+    /// Return once the VM runs, without waiting for its guest.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// How long to wait for the guest, in seconds.
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+}
+
 /// `volar vms …`.
 #[derive(Subcommand)]
 pub enum Vms {
@@ -124,12 +135,8 @@ pub enum Vms {
         /// Extra kernel command line.
         #[arg(long)]
         kernel_cmdline: Option<String>,
-        /// Return once the VM runs, without waiting for its guest.
-        #[arg(long)]
-        no_wait: bool,
-        /// How long to wait for the guest, in seconds.
-        #[arg(long, default_value_t = 300)]
-        timeout: u64,
+        #[command(flatten)]
+        wait: Wait,
     },
     /// List the VMs.
     List,
@@ -146,20 +153,24 @@ pub enum Vms {
         #[arg(long)]
         force: bool,
     },
-    /// Start a stopped VM.
+    /// Start a stopped VM and wait until its guest is ready.
     Start {
         /// The VM.
         name: String,
+        #[command(flatten)]
+        wait: Wait,
     },
     /// Shut a VM down cleanly.
     Stop {
         /// The VM.
         name: String,
     },
-    /// Stop and start a VM.
+    /// Stop and start a VM, and wait until its guest is ready again.
     Restart {
         /// The VM.
         name: String,
+        #[command(flatten)]
+        wait: Wait,
     },
     /// Print a VM's serial console.
     Logs {

@@ -7,7 +7,7 @@ use futures_util::StreamExt;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::cli::{Cli, Command, Debug, Networks, Output, Plugins, Ports, Setup, Vms};
+use crate::cli::{Cli, Command, Debug, Networks, Output, Plugins, Ports, Setup, Vms, Wait};
 use crate::client::{Api, Failure};
 use crate::output::{cell, rows, table};
 
@@ -75,9 +75,18 @@ fn network_body(
     Ok(body)
 }
 
-/// Waits until the guest of `name` reports ready on its console, showing a spinner with the
-/// VM's state when stderr is a terminal.
-async fn wait_ready(api: &Api, name: &str, limit: Duration) -> Result<(), Failure> {
+/// The serial console of `name` so far.
+async fn console(api: &Api, name: &str) -> Result<Vec<u8>, Failure> {
+    let res = api
+        .send(Method::GET, &format!("/vms/{name}/logs"), None)
+        .await?;
+    Ok(res.bytes().await.map(|b| b.to_vec()).unwrap_or_default())
+}
+
+/// Waits until the guest of `name` reports ready on its console after its first `from` bytes
+/// (the console of earlier boots), showing a spinner with the VM's state when stderr is a
+/// terminal.
+async fn wait_ready(api: &Api, name: &str, limit: Duration, from: usize) -> Result<(), Failure> {
     let frames = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
     let spin = std::io::stderr().is_terminal();
     let start = Instant::now();
@@ -91,16 +100,12 @@ async fn wait_ready(api: &Api, name: &str, limit: Duration) -> Result<(), Failur
                 cell(&v, "error")
             )));
         }
-        let console = api
-            .send(Method::GET, &format!("/vms/{name}/logs"), None)
-            .await?
-            .text()
-            .await
-            .unwrap_or_default();
-        if let Some(line) = console.lines().find(|l| l.contains("kestrel: error:")) {
+        let all = console(api, name).await?;
+        let this_boot = String::from_utf8_lossy(all.get(from..).unwrap_or_default());
+        if let Some(line) = this_boot.lines().find(|l| l.contains("kestrel: error:")) {
             break Err(Failure(format!("the guest of {name} failed: {line}")));
         }
-        if console.contains("kestrel: ready") {
+        if this_boot.contains("kestrel: ready") {
             break Ok(());
         }
         if start.elapsed() > limit {
@@ -124,6 +129,23 @@ async fn wait_ready(api: &Api, name: &str, limit: Duration) -> Result<(), Failur
         eprint!("\r\x1b[2K");
     }
     result
+}
+
+/// Starts or restarts `name` (`action`) and, unless told not to, waits for its new boot's guest.
+async fn boot(api: &Api, out: Output, name: &str, action: &str, wait: Wait) -> Result<(), Failure> {
+    let from = match wait.no_wait {
+        true => 0,
+        false => console(api, name).await?.len(),
+    };
+    let mut v = api
+        .call(Method::POST, &format!("/vms/{name}/{action}"), None)
+        .await?;
+    if !wait.no_wait {
+        wait_ready(api, name, Duration::from_secs(wait.timeout), from).await?;
+        v = api.call(Method::GET, &format!("/vms/{name}"), None).await?;
+    }
+    vm(out, &v);
+    Ok(())
 }
 
 /// Runs the command.
@@ -321,14 +343,13 @@ async fn vms(api: &Api, out: Output, cmd: Vms) -> Result<(), Failure> {
             network,
             ip,
             kernel_cmdline,
-            no_wait,
-            timeout,
+            wait,
         } => {
             let body = json!({
                 "name": name, "plugin": plugin, "cpu_cores": cpu, "memory_mb": memory,
                 "network": network, "ip": ip, "kernel_cmdline": kernel_cmdline,
             });
-            let spin = std::io::stderr().is_terminal() && !no_wait;
+            let spin = std::io::stderr().is_terminal() && !wait.no_wait;
             if spin {
                 eprint!("⠋ {name}: creating… ");
                 let _ = std::io::stderr().flush();
@@ -338,8 +359,8 @@ async fn vms(api: &Api, out: Output, cmd: Vms) -> Result<(), Failure> {
                 eprint!("\r\x1b[2K");
             }
             let mut v = created?;
-            if !no_wait {
-                wait_ready(api, &name, Duration::from_secs(timeout)).await?;
+            if !wait.no_wait {
+                wait_ready(api, &name, Duration::from_secs(wait.timeout), 0).await?;
                 v = api.call(Method::GET, &format!("/vms/{name}"), None).await?;
             }
             vm(out, &v);
@@ -369,21 +390,13 @@ async fn vms(api: &Api, out: Output, cmd: Vms) -> Result<(), Failure> {
             api.call(Method::DELETE, &format!("/vms/{name}?force={force}"), None)
                 .await?;
         }
-        Vms::Start { name } => vm(
-            out,
-            &api.call(Method::POST, &format!("/vms/{name}/start"), None)
-                .await?,
-        ),
+        Vms::Start { name, wait } => boot(api, out, &name, "start", wait).await?,
         Vms::Stop { name } => vm(
             out,
             &api.call(Method::POST, &format!("/vms/{name}/stop"), None)
                 .await?,
         ),
-        Vms::Restart { name } => vm(
-            out,
-            &api.call(Method::POST, &format!("/vms/{name}/restart"), None)
-                .await?,
-        ),
+        Vms::Restart { name, wait } => boot(api, out, &name, "restart", wait).await?,
         Vms::Logs { name, follow } => {
             let res = api
                 .send(
