@@ -61,6 +61,11 @@ fn systemctl(root: &Path, args: &[&str]) -> Result<(), Failure> {
 /// Installs and enables the units under `root`; starts them when `root` is `/`. Returns what
 /// was done, line by line.
 pub fn install(root: &Path) -> Result<Vec<String>, Failure> {
+    // systemctl --root resolves links wrongly through a path with `..` or a relative one.
+    std::fs::create_dir_all(root).map_err(fail(format!("creating {}", root.display())))?;
+    let root = &root
+        .canonicalize()
+        .map_err(fail(format!("resolving {}", root.display())))?;
     let here = std::env::current_exe().map_err(fail("finding volar's own path".into()))?;
     let from = here.parent().unwrap_or(Path::new("."));
     let bin = root.join("usr/local/bin");
