@@ -9,155 +9,17 @@ use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::rustls;
 use volant_services::api::proxy::v1::EgressPolicy;
 use volant_services::daemon::Io;
 
 #[path = "../tests/common/mod.rs"]
 mod common;
-use common::Proxyd;
+use common::{Netns, Proxyd, Tls, download, https_server};
 
 const SERVER: &str = "203.0.113.10";
 const DOWNLOAD: usize = 64 << 20;
 const TUNNELS: usize = 4;
-
-/// The namespace, removed when dropped (also on a panic).
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn sh(script: &str) {
-    let ok = Command::new("sh")
-        .args(["-ec", script])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "{script}");
-}
-
-/// Moves this thread (and so every thread and process it starts) into a new namespace.
-fn enter_netns() -> Netns {
-    let name = format!("vbench-egress-{}", std::process::id());
-    sh(&format!("ip netns add {name}"));
-    let ns = Netns(name.clone());
-    let f = std::fs::File::open(format!("/run/netns/{name}")).unwrap();
-    // SAFETY: setns on a valid namespace descriptor.
-    let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
-    assert_eq!(r, 0, "setns");
-    sh(&format!(
-        "ip link set lo up && ip link add d0 type veth peer name d1 && ip addr add {SERVER}/32 dev d0 && ip link set d0 up && ip link set d1 up"
-    ));
-    ns
-}
-
-struct Tls {
-    server: Arc<rustls::ServerConfig>,
-    client: Arc<rustls::ClientConfig>,
-}
-
-fn tls() -> Tls {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca.self_signed(&ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["bench.example.test".into(), SERVER.into()])
-        .unwrap()
-        .signed_by(&key, &ca, &ca_key)
-        .unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![leaf.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-        )
-        .unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.der().clone()).unwrap();
-    let client = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Tls {
-        server: Arc::new(server),
-        client: Arc::new(client),
-    }
-}
-
-/// The HTTPS server: after any request line it sends the asked number of bytes.
-async fn server(config: Arc<rustls::ServerConfig>) {
-    let listener = tokio::net::TcpListener::bind((SERVER, 443)).await.unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    loop {
-        let (tcp, _) = listener.accept().await.unwrap();
-        let acceptor = acceptor.clone();
-        tokio::spawn(async move {
-            let Ok(mut tls) = acceptor.accept(tcp).await else {
-                return;
-            };
-            let mut n = [0u8; 8];
-            if tls.read_exact(&mut n).await.is_err() {
-                return;
-            }
-            let mut left = u64::from_be_bytes(n) as usize;
-            let chunk = vec![0x5au8; 64 * 1024];
-            while left > 0 {
-                let k = left.min(chunk.len());
-                if tls.write_all(&chunk[..k]).await.is_err() {
-                    return;
-                }
-                left -= k;
-            }
-            let _ = tls.shutdown().await;
-        });
-    }
-}
-
-/// One tunnel: CONNECT, TLS to `sni`, download `bytes`.
-async fn tunnel<S: AsyncRead + AsyncWrite + Unpin>(
-    mut s: S,
-    target: &str,
-    sni: &str,
-    client: Arc<rustls::ClientConfig>,
-    bytes: usize,
-) {
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nhost: {target}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut b).await.unwrap(), 1, "the proxy closed");
-        head.push(b[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 200") || head.starts_with(b"HTTP/1.0 200"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(client)
-        .connect(name, s)
-        .await
-        .unwrap();
-    tls.write_all(&(bytes as u64).to_be_bytes()).await.unwrap();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut got = 0;
-    while got < bytes {
-        let n = tls.read(&mut buf).await.unwrap();
-        assert!(n > 0, "short download");
-        got += n;
-    }
-}
 
 #[derive(Clone, Copy)]
 enum Proxy {
@@ -178,22 +40,29 @@ async fn open(p: Proxy, egress: &str) -> Box<dyn Io> {
     }
 }
 
+/// One tunnel to `target` that downloads `bytes`, all of which must arrive.
+async fn tunnel(
+    s: Box<dyn Io>,
+    target: &'static str,
+    client: Arc<rustls::ClientConfig>,
+    bytes: usize,
+) {
+    let got = download(s, target, "bench.example.test", client, (bytes, 0), false).await;
+    assert_eq!(got.unwrap(), bytes, "a whole download");
+}
+
 /// (MB/s of `TUNNELS` concurrent downloads, tunnels per second of sequential small ones)
 async fn measure(p: Proxy, egress: &str, client: &Arc<rustls::ClientConfig>) -> (f64, f64) {
     let target = match p {
         Proxy::Proxyd => "bench.example.test:443",
         Proxy::Tinyproxy => "203.0.113.10:443",
     };
-    let sni = "bench.example.test";
-    tunnel(open(p, egress).await, target, sni, client.clone(), 1 << 20).await;
+    tunnel(open(p, egress).await, target, client.clone(), 1 << 20).await;
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..TUNNELS {
         let s = open(p, egress).await;
-        let client = client.clone();
-        tasks.push(tokio::spawn(async move {
-            tunnel(s, target, sni, client, DOWNLOAD).await
-        }));
+        tasks.push(tokio::spawn(tunnel(s, target, client.clone(), DOWNLOAD)));
     }
     for t in tasks {
         t.await.unwrap();
@@ -202,7 +71,7 @@ async fn measure(p: Proxy, egress: &str, client: &Arc<rustls::ClientConfig>) -> 
     let start = Instant::now();
     let mut n = 0;
     while start.elapsed() < Duration::from_secs(3) {
-        tunnel(open(p, egress).await, target, sni, client.clone(), 1024).await;
+        tunnel(open(p, egress).await, target, client.clone(), 1024).await;
         n += 1;
     }
     (mbps, n as f64 / start.elapsed().as_secs_f64())
@@ -213,7 +82,7 @@ fn start(cmd: &mut Command) -> Child {
 }
 
 fn main() {
-    let _ns = enter_netns();
+    let _ns = Netns::enter("egress", SERVER);
     let dir = tempfile::tempdir().unwrap();
     let yaml = format!(
         "proxyd:\n  requests_per_second: 1000000\n  burst: 1000000\n  bytes_per_second: 100000000000\n  \
@@ -234,8 +103,8 @@ fn main() {
     let mut tiny = start(Command::new("tinyproxy").args(["-d", "-c", tiny_conf.to_str().unwrap()]));
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let t = tls();
-        tokio::spawn(server(t.server.clone()));
+        let t = Tls::new(&["bench.example.test", SERVER]);
+        https_server(SERVER, t.server.clone()).await;
         let px = Proxyd::start(dir.path(), &yaml).await;
         let policy = EgressPolicy {
             allow_outbound: true,

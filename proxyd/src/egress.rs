@@ -16,12 +16,13 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
-use tokio::net::{TcpStream, UnixListener};
+use tokio::net::{TcpStream, UnixListener, UnixStream};
 
-use crate::http::{Body, Meter, boxed, empty, error, pipe};
+use crate::http::{Body, boxed, empty, error};
 use crate::resolve::Resolver;
 use crate::routes::Vm;
 use crate::rules::{Host, forbidden, normalise};
+use crate::splice::{Socket, both_ways};
 use crate::stats::Verdict;
 use volant_services::hop;
 
@@ -69,7 +70,8 @@ fn refuse(status: StatusCode, reason: &'static str, message: String) -> Refusal 
 /// Counts carried bytes against the VM's byte bucket and counters.
 struct VmMeter<'a>(&'a Vm);
 
-impl Meter for VmMeter<'_> {
+impl VmMeter<'_> {
+    /// `n` bytes went the way `outbound` says; returns the pause owed.
     fn carried(&self, outbound: bool, n: usize) -> Duration {
         let c = if outbound {
             &self.0.stats.egress_bytes_out
@@ -264,15 +266,21 @@ impl Egress {
         };
         tokio::spawn(async move {
             let _permit = permit;
-            let upgraded = match hyper::upgrade::on(req).await {
-                Ok(u) => TokioIo::new(u),
+            let name = vm.route.vm.clone();
+            let guest = match hyper::upgrade::on(req).await.map(|u| u.downcast()) {
+                Ok(Ok(parts)) => parts,
+                Ok(Err(_)) => {
+                    tracing::warn!(vm = %name, "egress: a CONNECT upgrade of an unexpected kind");
+                    return;
+                }
                 Err(e) => {
-                    tracing::debug!("egress: CONNECT upgrade failed: {e}");
+                    tracing::debug!(vm = %name, "egress: CONNECT upgrade failed: {e}");
                     return;
                 }
             };
-            let name = vm.route.vm.clone();
-            match self.tunnel_checked(upgraded, tcp, &target, &vm).await {
+            let guest: hyper::upgrade::Parts<TokioIo<UnixStream>> = guest;
+            let (stream, early) = (guest.io.into_inner(), guest.read_buf);
+            match self.tunnel_checked(stream, &early, tcp, &target, &vm).await {
                 Ok((out, back)) => {
                     tracing::debug!(vm = %name, host = %target.host, out, back, "tunnel closed")
                 }
@@ -282,19 +290,23 @@ impl Egress {
         Response::new(empty())
     }
 
-    async fn tunnel_checked<G>(
+    /// Checks the tunnel's ClientHello (in what the guest sent with its CONNECT, `early`, and
+    /// after), then splices the two connections together, the guest's bytes paced by its VM's
+    /// byte budget. Returns the bytes carried (out, back).
+    async fn tunnel_checked(
         &self,
-        mut guest: G,
+        mut guest: UnixStream,
+        early: &[u8],
         mut tcp: TcpStream,
         target: &Target,
         vm: &Vm,
-    ) -> std::io::Result<(u64, u64)>
-    where
-        G: AsyncRead + AsyncWrite + Unpin,
-    {
-        let hello = tokio::time::timeout(Duration::from_secs(10), read_client_hello(&mut guest))
-            .await
-            .unwrap_or_else(|_| Err("no TLS ClientHello within 10 s".into()));
+    ) -> std::io::Result<(u64, u64)> {
+        let hello = tokio::time::timeout(
+            Duration::from_secs(10),
+            read_client_hello(&mut early.chain(&mut guest)),
+        )
+        .await
+        .unwrap_or_else(|_| Err("no TLS ClientHello within 10 s".into()));
         let (bytes, sni) = match hello {
             Ok(h) => h,
             Err(why) => {
@@ -317,15 +329,20 @@ impl Egress {
         }
         allowed(vm, target);
         tokio::io::AsyncWriteExt::write_all(&mut tcp, &bytes).await?;
-        VmMeter(vm).carried(true, bytes.len());
-        pipe(
-            guest,
-            tcp,
+        let meter = VmMeter(vm);
+        let mut out = bytes.len() as u64;
+        meter.carried(true, bytes.len());
+        let (guest, tcp) = (Socket::unix(guest)?, Socket::tcp(tcp)?);
+        let (sent, back) = both_ways(
+            &guest,
+            &tcp,
             self.idle_timeout,
             self.total_timeout,
-            &VmMeter(vm),
+            |outbound, n| meter.carried(outbound, n),
         )
-        .await
+        .await?;
+        out += sent;
+        Ok((out, back))
     }
 
     /// Forwards an absolute-form request to the checked address, over TLS for `https://`.

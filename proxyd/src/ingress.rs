@@ -18,7 +18,7 @@ use volant_services::daemon::{Listener, Stop};
 
 use crate::hvsock;
 use crate::routes::Routes;
-use crate::splice::{Buf, Pipe, Socket};
+use crate::splice::{Buf, Pipe, Socket, both_ways};
 use crate::wire::{self, Framing, Refusal, Request};
 
 /// The read buffer of a client connection, which bounds the request head.
@@ -303,7 +303,7 @@ impl Ingress {
             closes,
         } = outcome;
         if switched {
-            self.upgraded(down, dbuf, up, ubuf, pipes).await;
+            self.upgraded(down, dbuf, up, ubuf).await;
             return Ok((false, false));
         }
         Ok((
@@ -398,25 +398,16 @@ impl Ingress {
         }
     }
 
-    /// After a 101: everything either side sends goes to the other until both have finished.
-    async fn upgraded(
-        &self,
-        down: &Socket,
-        dbuf: &mut Buf,
-        up: &Socket,
-        ubuf: &mut Buf,
-        pipes: &mut [Option<Pipe>; 2],
-    ) {
+    /// After a 101: everything either side sends goes to the other (what each had sent already
+    /// first) until both have finished or nothing moved either way for the idle timeout.
+    async fn upgraded(&self, down: &Socket, dbuf: &mut Buf, up: &Socket, ubuf: &mut Buf) {
+        for (buf, to) in [(dbuf, up), (ubuf, down)] {
+            if !buf.is_empty() && to.write_all(buf.bytes()).await.is_err() {
+                return;
+            }
+        }
         let idle = self.idle_timeout;
-        let [a, b] = pipes;
-        let carried = async {
-            tokio::try_join!(
-                wire::carry(down, dbuf, up, Framing::ToEnd, u64::MAX, a, idle),
-                wire::carry(up, ubuf, down, Framing::ToEnd, u64::MAX, b, idle),
-            )
-            .map(drop)
-        };
-        let _ = tokio::time::timeout(UPGRADED_LIFETIME, carried).await;
+        let _ = both_ways(down, up, idle, UPGRADED_LIFETIME, |_, _| Duration::ZERO).await;
     }
 
     /// A connection to `vm`'s workload: an idle one unless `fresh`, else a new handshake.

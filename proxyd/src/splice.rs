@@ -1,11 +1,13 @@
-//! Moving bytes between sockets for the ingress: reads and writes driven by tokio's readiness
-//! on shared references (so one task can read a socket while it writes it), a read buffer, and
-//! splice(2) through a pipe so that large bodies never pass through proxyd's memory.
+//! Moving bytes between sockets for both data planes: reads and writes driven by tokio's
+//! readiness on shared references (so one task can read a socket while it writes it), a read
+//! buffer, and splice(2) through a pipe so that large bodies and tunnels never pass through
+//! proxyd's memory.
 
 use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::{Interest, Ready};
@@ -263,6 +265,18 @@ impl Pipe {
 
     /// Moves everything `from` sends to `to`, then ends `to`'s writing side; returns the count.
     pub async fn to_end(&self, from: &Socket, to: &Socket, idle: Duration) -> io::Result<u64> {
+        self.paced(from, to, idle, |_| Duration::ZERO).await
+    }
+
+    /// As [`Pipe::to_end`], and after each chunk waits as long as `pause` says for its size
+    /// (a byte budget).
+    pub async fn paced(
+        &self,
+        from: &Socket,
+        to: &Socket,
+        idle: Duration,
+        mut pause: impl FnMut(usize) -> Duration,
+    ) -> io::Result<u64> {
         let mut total = 0;
         loop {
             let got = self.fill(from, u64::MAX, idle).await?;
@@ -272,8 +286,59 @@ impl Pipe {
             }
             self.drain(to, got, idle).await?;
             total += got as u64;
+            let owed = pause(got);
+            if !owed.is_zero() {
+                tokio::time::sleep(owed).await;
+            }
         }
     }
+}
+
+/// Splices `a` and `b` together both ways until both have finished, nothing has moved either way
+/// for `idle` (a download to a silent client is not idle), or `limit` has passed. `pace` hears of
+/// each chunk, `true` for a→b, and says how long to wait before the next one that way. Returns
+/// the bytes carried (a→b, b→a).
+pub async fn both_ways(
+    a: &Socket,
+    b: &Socket,
+    idle: Duration,
+    limit: Duration,
+    pace: impl Fn(bool, usize) -> Duration,
+) -> io::Result<(u64, u64)> {
+    let (there, back) = (Pipe::new()?, Pipe::new()?);
+    let started = Instant::now();
+    let last = AtomicU64::new(0);
+    let moved = |there: bool, n: usize| {
+        last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        pace(there, n)
+    };
+    let carried = async {
+        tokio::try_join!(
+            there.paced(a, b, limit, |n| moved(true, n)),
+            back.paced(b, a, limit, |n| moved(false, n)),
+        )
+    };
+    let quiet = async {
+        loop {
+            let since = started.elapsed() - Duration::from_millis(last.load(Ordering::Relaxed));
+            if since >= idle {
+                return io::Error::new(io::ErrorKind::TimedOut, format!("idle for {idle:?}"));
+            }
+            tokio::time::sleep(idle - since).await;
+        }
+    };
+    let ended = async {
+        tokio::select! {
+            r = carried => r,
+            e = quiet => Err(e),
+        }
+    };
+    tokio::time::timeout(limit, ended).await.map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the connection lived longer than {limit:?}"),
+        )
+    })?
 }
 
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {

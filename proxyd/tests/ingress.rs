@@ -1,6 +1,7 @@
 //! proxyd on its own: the real binary in front of host-side hybrid-vsock endpoints. Routing,
 //! keep-alive reuse, hop-by-hop headers, the errors it answers itself, bad registrations, and a
-//! `kill -9` followed by a restart (routes and egress listeners come back from its store).
+//! `kill -9` followed by a restart (routes and egress listeners come back from its store), and an
+//! upgraded connection that lives while either side talks.
 
 mod common;
 
@@ -225,4 +226,31 @@ async fn ingress_routes_reuses_refuses_and_survives_a_crash() {
     assert!(!again.existed);
     let (code, _, _) = send(&mut client(&ingress).await, get("/api/v1/vms/web/proxy/")).await;
     assert_eq!(code, 404);
+}
+
+#[tokio::test]
+async fn an_upgraded_connection_lives_while_either_side_talks() {
+    let dir = tempfile::tempdir().unwrap();
+    let px = Proxyd::start(dir.path(), "proxyd:\n  idle_timeout_secs: 1\n").await;
+    let socket = px.run.join("vsock-3.sock");
+    endpoint(socket.clone(), Mode::Serve);
+    px.register("ws", 3, &socket, EgressPolicy::default()).await;
+    let mut s = tokio::net::UnixStream::connect(px.run.join("proxyd-ingress.sock"))
+        .await
+        .unwrap();
+    s.write_all(
+        b"GET /api/v1/vms/ws/proxy/feed HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: ticks\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    // The client says nothing more; the workload talks every 400 ms for 2.4 s, longer than the
+    // 1 s idle timeout, so the connection is never idle and carries every tick.
+    let mut all = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut all))
+        .await
+        .unwrap()
+        .unwrap();
+    let all = String::from_utf8_lossy(&all);
+    assert!(all.starts_with("HTTP/1.1 101"), "{all}");
+    assert_eq!(all.matches("tick\n").count(), 6, "{all}");
 }
