@@ -301,12 +301,9 @@ impl Egress {
         target: &Target,
         vm: &Vm,
     ) -> std::io::Result<(u64, u64)> {
-        let hello = tokio::time::timeout(
-            Duration::from_secs(10),
-            read_client_hello(&mut early.chain(&mut guest)),
-        )
-        .await
-        .unwrap_or_else(|_| Err("no TLS ClientHello within 10 s".into()));
+        let hello = tokio::time::timeout(Duration::from_secs(10), hello_after(early, &mut guest))
+            .await
+            .unwrap_or_else(|_| Err("no TLS ClientHello within 10 s".into()));
         let (bytes, sni) = match hello {
             Ok(h) => h,
             Err(why) => {
@@ -481,6 +478,18 @@ pub fn target_of(method: &Method, uri: &Uri) -> Result<(String, u16), String> {
 }
 
 /// Reads a TLS ClientHello from `io`; returns the bytes read (to forward) and its SNI.
+/// The guest's ClientHello and its SNI, read from what came with its CONNECT (`early`), then from
+/// `guest`. The bytes returned are everything read, all of `early` included.
+async fn hello_after<R: AsyncRead + Unpin>(
+    early: &[u8],
+    guest: &mut R,
+) -> Result<(Vec<u8>, Option<String>), String> {
+    let mut unread = early;
+    let (mut bytes, sni) = read_client_hello(&mut (&mut unread).chain(guest)).await?;
+    bytes.extend_from_slice(unread);
+    Ok((bytes, sni))
+}
+
 async fn read_client_hello<R: AsyncRead + Unpin>(
     io: &mut R,
 ) -> Result<(Vec<u8>, Option<String>), String> {
@@ -514,6 +523,38 @@ async fn read_client_hello<R: AsyncRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A real ClientHello for `sni`, as rustls sends it.
+    fn client_hello(sni: &str) -> Vec<u8> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+        let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut hello = Vec::new();
+        conn.write_tls(&mut hello).unwrap();
+        hello
+    }
+
+    #[tokio::test]
+    async fn nothing_the_guest_sent_with_its_connect_is_lost() {
+        let hello = client_hello("api.example.com");
+        // The hello and 40 KiB after it, all read by the HTTP server with the CONNECT.
+        let early = [hello.as_slice(), &[7u8; 40 << 10]].concat();
+        let (bytes, sni) = hello_after(&early, &mut tokio::io::empty()).await.unwrap();
+        assert_eq!(
+            (bytes, sni.as_deref()),
+            (early.clone(), Some("api.example.com"))
+        );
+        // Part of the hello with the CONNECT, the rest and more after it.
+        let (first, rest) = hello.split_at(40);
+        let later = [rest, b"more"].concat();
+        let (bytes, _) = hello_after(first, &mut later.as_slice()).await.unwrap();
+        assert!(bytes.starts_with(&hello));
+    }
 
     #[test]
     fn targets() {
