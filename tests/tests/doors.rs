@@ -83,6 +83,13 @@ async fn tls_keys_and_a_rate_limit() {
     assert!(!ok && out.contains("valid API key"), "{out}");
     let (ok, out) = volar("vms list");
     assert!(!ok && out.contains("Authorization: Bearer"), "{out}");
+    // Also on a machine without a system CA store: the given CA alone.
+    let (ok, out) = cp.host.try_sh(&format!(
+        "SSL_CERT_FILE=/nonexistent SSL_CERT_DIR=/nonexistent {} --api https://localhost:8080 \
+         --cacert {ca1} --token s3cret-key networks list 2>&1",
+        bin("volar").display()
+    ));
+    assert!(ok && out.contains("volant0"), "{out}");
 
     // SIGHUP: the new certificate serves new connections.
     std::fs::copy(&cert2, &cert).unwrap();

@@ -30,11 +30,17 @@ struct Run {
 impl FrontDoor {
     /// Runs volar against the gateway (through the proxy), inside the host namespace.
     fn volar(&self, args: &[&str]) -> Run {
+        self.volar_with(&[], args)
+    }
+
+    /// Runs volar as [`FrontDoor::volar`] does, with `env` added to its environment.
+    fn volar_with(&self, env: &[(&str, &str)], args: &[&str]) -> Run {
         let out = Command::new("ip")
             .args(["netns", "exec", &self.cp.host.name])
             .arg(bin("volar"))
             .args(["--api", &format!("http://{}", self.proxy.addr)])
             .args(args)
+            .envs(env.iter().copied())
             .output()
             .expect("volar");
         Run {
@@ -133,6 +139,17 @@ async fn a_vm_through_volar_and_curl() {
         "{}",
         r.out
     );
+
+    // A local API is reached directly whatever http_proxy says, and plain http needs no system
+    // CA store (a fresh Debian has none).
+    let bare = [
+        ("http_proxy", "http://127.0.0.1:9"),
+        ("HTTP_PROXY", "http://127.0.0.1:9"),
+        ("SSL_CERT_FILE", "/nonexistent"),
+        ("SSL_CERT_DIR", "/nonexistent"),
+    ];
+    let r = fd.volar_with(&bare, &["plugins", "list"]);
+    assert!(r.ok && r.out.contains("hello"), "{}{}", r.out, r.err);
 
     // Create waits until the guest reports ready.
     let r = fd.volar(&["vms", "create", "web", "--plugin", "hello"]);

@@ -30,23 +30,48 @@ impl Api {
     /// the system's CAs and those in `cacert`).
     pub fn new(base: &str, token: Option<String>, cacert: Option<&Path>) -> Result<Api, Failure> {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut http = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
+        let mut certs = Vec::new();
         if let Some(path) = cacert {
             let pem = std::fs::read(path)
                 .map_err(|e| Failure(format!("--cacert {}: {e}", path.display())))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
                 Failure(format!(
                     "--cacert {}: not PEM certificates: {e}",
                     path.display()
                 ))
             })?;
-            for c in certs {
-                http = http.add_root_certificate(c);
-            }
         }
-        let http = http
-            .build()
-            .map_err(|e| Failure(format!("setting up HTTPS: {e}")))?;
+        // An API on this machine is reached directly, whatever http_proxy says.
+        let host = reqwest::Url::parse(base)
+            .ok()
+            .and_then(|u| Some(u.host_str()?.to_string()));
+        let local = host.is_some_and(|h| {
+            let ip = h.trim_matches(['[', ']']).parse::<std::net::IpAddr>();
+            h == "localhost" || ip.is_ok_and(|ip| ip.is_loopback())
+        });
+        let builder = || {
+            let b = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
+            if local { b.no_proxy() } else { b }
+        };
+        // Plain http needs no CAs (a fresh Debian has no system store); https trusts the
+        // system's and --cacert's, or --cacert's alone where the system has none.
+        let http = if !base.starts_with("https://") {
+            builder().tls_certs_only([]).build()
+        } else {
+            builder()
+                .tls_certs_merge(certs.clone())
+                .build()
+                .or_else(|e| match certs.is_empty() {
+                    true => Err(e),
+                    false => builder().tls_certs_only(certs).build(),
+                })
+        };
+        let http = http.map_err(|e| {
+            Failure(format!(
+                "setting up HTTPS: {e}: install the system's CAs (package ca-certificates) or \
+                 give the API's with --cacert"
+            ))
+        })?;
         Ok(Api {
             base: base.trim_end_matches('/').to_string(),
             token,
