@@ -1,5 +1,6 @@
 //! Volant under a real systemd: the Debian system `tests/systemd-root` builds is booted with
-//! systemd-nspawn inside a network namespace of the test's own, with the daemons and units that
+//! systemd-nspawn with a network namespace of its own (private, gone with the machine), with the
+//! daemons and units that
 //! `volar setup --install-systemd --root` puts there. The services start under their sandboxing,
 //! run a bridge VM and a vsock VM, survive restarts and a `kill -9`, and bring the VMs back after
 //! the machine reboots.
@@ -11,6 +12,8 @@ use std::time::{Duration, Instant};
 use volant_tests::{Netns, bin, guest_dir, sh, try_sh};
 
 const UNITS: [&str; 5] = ["ipamd", "netd", "proxyd", "vmmd", "gateway"];
+
+static MACHINES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// The system directory, built by `tests/systemd-root` (tests/run does).
 fn system_root() -> PathBuf {
@@ -52,23 +55,24 @@ fn install(root: &Path) {
     }
 }
 
-/// A booted container: systemd as its PID 1, its network the namespace `ns`.
+/// A booted container: systemd as its PID 1, in a network namespace of its own.
 struct Machine {
     nspawn: Child,
     /// The container's PID 1, as this machine sees it.
     init: u32,
+    /// The container's network, named for `ip netns exec` (the name goes with the machine).
+    net: Netns,
 }
 
 impl Machine {
-    /// Boots `root` in `ns` and waits until systemd has finished starting everything.
-    fn boot(root: &Path, ns: &Netns) -> Machine {
+    /// Boots `root` and waits until systemd has finished starting everything.
+    fn boot(root: &Path) -> Machine {
         let nspawn = Command::new("systemd-nspawn")
             .args(["--quiet", "--register=no", "--keep-unit", "--boot"])
             .arg(format!("--directory={}", root.display()))
-            .arg(format!("--network-namespace-path=/run/netns/{}", ns.name))
-            // The namespace is the test's, so the container may manage it, as netd must.
+            // Its own network, where it may manage links, rules and /proc/sys/net as on a host.
             .args([
-                "--capability=CAP_NET_ADMIN",
+                "--private-network",
                 "--bind=/dev/net/tun",
                 "--console=passive",
             ])
@@ -89,7 +93,14 @@ impl Machine {
             );
             std::thread::sleep(Duration::from_millis(50));
         };
-        let m = Machine { nspawn, init };
+        let seq = MACHINES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("vt-systemd-{}-{seq}", std::process::id());
+        sh(&format!("ip netns attach {name} {init}"));
+        let m = Machine {
+            nspawn,
+            init,
+            net: Netns { name },
+        };
         // Until systemd has set up its bus, systemctl cannot ask it ("offline", or no bus).
         let state = loop {
             let (up, state) = m.run("timeout 60 systemctl is-system-running --wait");
@@ -176,13 +187,14 @@ fn child_of(parent: u32) -> Option<u32> {
 }
 
 /// volar from the host, talking to the gateway inside the machine's network.
-fn volar(ns: &Netns, args: &str) -> (bool, String) {
-    ns.try_sh(&format!("{} {args} 2>&1", bin("volar").display()))
+fn volar(m: &Machine, args: &str) -> (bool, String) {
+    m.net
+        .try_sh(&format!("{} {args} 2>&1", bin("volar").display()))
 }
 
 /// What `url` answers, fetched inside the machine's network.
-fn page(ns: &Netns, url: &str) -> String {
-    ns.try_sh(&format!("curl -sS -m 20 {url}")).1
+fn page(m: &Machine, url: &str) -> String {
+    m.net.try_sh(&format!("curl -sS -m 20 {url}")).1
 }
 
 const HELLO: &str = "Hello from Volant";
@@ -194,9 +206,9 @@ const THROUGH_GATEWAY: [&str; 2] = [
 
 /// Both VMs answer: the bridge one at its address and through the gateway, the vsock one
 /// through the gateway, proxyd and kestrel.
-fn both_answer(ns: &Netns, m: &Machine, when: &str) {
+fn both_answer(m: &Machine, when: &str) {
     for url in [BRIDGE_VM, THROUGH_GATEWAY[0], THROUGH_GATEWAY[1]] {
-        let p = page(ns, url);
+        let p = page(m, url);
         assert!(p.contains(HELLO), "{when}: {url}: {p}\n{}", m.journal());
     }
 }
@@ -208,8 +220,7 @@ fn volant_runs_under_systemd_and_comes_back_after_a_reboot() {
     let manifest =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/plugins/hello/manifest.json");
 
-    let ns = Netns::new("systemd");
-    let m = Machine::boot(&root, &ns);
+    let m = Machine::boot(&root);
     assert!(m.all_active(), "{}", m.journal());
 
     // The guide's first steps, then a VM in each mode.
@@ -219,12 +230,13 @@ fn volant_runs_under_systemd_and_comes_back_after_a_reboot() {
         "vms create demo --plugin hello".into(),
         "vms create sec --plugin hello --network vsock".into(),
     ] {
-        let (ok, out) = volar(&ns, &args);
+        let (ok, out) = volar(&m, &args);
         assert!(ok, "volar {args}: {out}\n{}", m.journal());
     }
-    both_answer(&ns, &m, "created");
+    assert_eq!(m.net.sh("sysctl -n net.ipv4.ip_forward").trim(), "1");
+    both_answer(&m, "created");
     assert!(
-        !ns.try_sh("ip link show vmtap-sec").0,
+        !m.net.try_sh("ip link show vmtap-sec").0,
         "a vsock VM has no TAP"
     );
 
@@ -237,7 +249,7 @@ fn volant_runs_under_systemd_and_comes_back_after_a_reboot() {
             "restarting {unit}: {out}\n{}",
             m.journal()
         );
-        both_answer(&ns, &m, &format!("after restarting {unit}"));
+        both_answer(&m, &format!("after restarting {unit}"));
     }
     for unit in UNITS {
         let (ok, out) = m.run(&format!(
@@ -246,40 +258,38 @@ fn volant_runs_under_systemd_and_comes_back_after_a_reboot() {
         assert!(ok, "{out}");
         std::thread::sleep(Duration::from_millis(1500));
         assert!(m.all_active(), "{unit} was not restarted\n{}", m.journal());
-        both_answer(&ns, &m, &format!("after killing {unit}"));
+        both_answer(&m, &format!("after killing {unit}"));
     }
 
     // A reboot, with a network as fresh as a real one's: the VMs are stopped, keep their
     // addresses, and start again at once.
     m.power_off();
-    drop(ns);
-    let ns = Netns::new("systemd");
-    let m = Machine::boot(&root, &ns);
-    let (_, list) = volar(&ns, "vms list");
+    let m = Machine::boot(&root);
+    let (_, list) = volar(&m, "vms list");
     assert!(
         list.lines().filter(|l| l.contains(" stopped ")).count() == 2,
         "{list}"
     );
     for vm in ["demo", "sec"] {
-        let (ok, out) = volar(&ns, &format!("vms start {vm}"));
+        let (ok, out) = volar(&m, &format!("vms start {vm}"));
         assert!(ok, "starting {vm}: {out}\n{}", m.journal());
     }
-    both_answer(&ns, &m, "started after the reboot");
+    both_answer(&m, "started after the reboot");
 
     // Deleting leaves nothing behind in the network.
     for vm in ["demo", "sec"] {
-        let (ok, out) = volar(&ns, &format!("vms delete {vm}"));
+        let (ok, out) = volar(&m, &format!("vms delete {vm}"));
         assert!(ok, "deleting {vm}: {out}");
     }
     // (netd retires a TAP at once and deletes the retired in a batch moments later.)
     let deadline = Instant::now() + Duration::from_secs(5);
-    while ns.try_sh("ip link show vmtap-demo").0 && Instant::now() < deadline {
+    while m.net.try_sh("ip link show vmtap-demo").0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(
-        !ns.try_sh("ip link show vmtap-demo").0,
+        !m.net.try_sh("ip link show vmtap-demo").0,
         "the TAP is still there: {}\n{}",
-        ns.try_sh("ip -br link").1,
+        m.net.try_sh("ip -br link").1,
         m.journal()
     );
     assert!(m.all_active(), "{}", m.journal());
