@@ -1,7 +1,7 @@
 //! Volant under a real systemd: the Debian system `tests/systemd-root` builds is booted with
-//! systemd-nspawn with a network namespace of its own (private, gone with the machine), with the
-//! daemons and units that
-//! `volar setup --install-systemd --root` puts there. The services start under their sandboxing,
+//! systemd-nspawn in a network namespace of its own (private, gone with the machine), with the
+//! daemons and units that `volar setup --install-systemd --root` puts there. The services start
+//! under their sandboxing,
 //! run a bridge VM and a vsock VM, survive restarts and a `kill -9`, and bring the VMs back after
 //! the machine reboots.
 
