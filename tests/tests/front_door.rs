@@ -235,6 +235,9 @@ async fn a_vm_through_volar_and_curl() {
     assert_eq!((code, who.trim()), (200, "web"));
     let r = fd.volar(&["vms", "logs", "web"]);
     assert_eq!(r.out.matches("kestrel: ready").count(), 2, "{}", r.out);
+    // Starting it now boots nothing, and volar does not wait for a boot that will not come.
+    let r = fd.volar(&["vms", "start", "web", "--timeout", "20"]);
+    assert!(r.ok && r.out.contains("running"), "{}{}", r.out, r.err);
 
     // The lease table as the guide shows it.
     let r = fd.volar(&["debug", "ipam"]);

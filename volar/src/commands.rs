@@ -133,7 +133,10 @@ async fn wait_ready(api: &Api, name: &str, limit: Duration, from: usize) -> Resu
 
 /// Starts or restarts `name` (`action`) and, unless told not to, waits for its new boot's guest.
 async fn boot(api: &Api, out: Output, name: &str, action: &str, wait: Wait) -> Result<(), Failure> {
-    let from = match wait.no_wait {
+    // Starting a running VM boots nothing: any boot's "ready" will do.
+    let now = api.call(Method::GET, &format!("/vms/{name}"), None).await?;
+    let boots = action == "restart" || cell(&now, "status") != "running";
+    let from = match wait.no_wait || !boots {
         true => 0,
         false => console(api, name).await?.len(),
     };
