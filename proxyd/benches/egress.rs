@@ -77,8 +77,14 @@ async fn measure(p: Proxy, egress: &str, client: &Arc<rustls::ClientConfig>) -> 
     (mbps, n as f64 / start.elapsed().as_secs_f64())
 }
 
-fn start(cmd: &mut Command) -> Child {
-    cmd.spawn().unwrap()
+/// A child process, killed when dropped (also when the bench panics).
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn main() {
@@ -100,7 +106,12 @@ fn main() {
         ),
     )
     .unwrap();
-    let mut tiny = start(Command::new("tinyproxy").args(["-d", "-c", tiny_conf.to_str().unwrap()]));
+    let _tiny = Killed(
+        Command::new("tinyproxy")
+            .args(["-d", "-c", tiny_conf.to_str().unwrap()])
+            .spawn()
+            .unwrap(),
+    );
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let t = Tls::new(&["bench.example.test", SERVER]);
@@ -125,6 +136,4 @@ fn main() {
         println!("| tinyproxy 1.11 (Filter, ConnectPort 443) | {td:.0} | {tt:.0} |");
         println!("| proxyd / tinyproxy | {:.2}× | {:.2}× |", pd / td, pt / tt);
     });
-    let _ = tiny.kill();
-    let _ = tiny.wait();
 }

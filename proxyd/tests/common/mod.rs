@@ -409,7 +409,8 @@ pub async fn download<S: AsyncRead + AsyncWrite + Unpin>(
             }
             head.push(b[0]);
         }
-        if !head.starts_with(b"HTTP/1.1 200") {
+        // Any HTTP/1.x: tinyproxy answers a CONNECT with HTTP/1.0.
+        if !(head.starts_with(b"HTTP/1.") && head.get(8..13) == Some(b" 200 ")) {
             return Err(std::io::Error::other(
                 String::from_utf8_lossy(&head).to_string(),
             ));
