@@ -4,6 +4,9 @@
 //! connections. One task per client connection does everything: it parses heads itself
 //! ([`wire`]), carries bodies verbatim (spliced when large), and splices upgraded (WebSocket)
 //! connections both ways, so a request costs a few syscalls and no hand-offs between tasks.
+//! The ingress runs on threads of its own, each a single-threaded runtime that accepts from the
+//! shared listener and keeps its own idle vsock streams, so a request never wakes another
+//! thread.
 
 use std::collections::HashMap;
 use std::io;
@@ -44,8 +47,12 @@ pub struct Ingress {
     pub handshake_timeout: Duration,
     /// How long a body or an upgraded connection may sit idle.
     pub idle_timeout: Duration,
-    idle: Mutex<HashMap<String, Vec<Socket>>>,
 }
+
+/// One ingress thread's idle connections to workloads, per VM (registered with that thread's
+/// runtime, so never shared with another).
+#[derive(Default)]
+struct Pool(Mutex<HashMap<String, Vec<Socket>>>);
 
 /// Why an exchange failed, and whether the client already has part of an answer.
 struct Failure {
@@ -75,6 +82,7 @@ struct Conn<'a> {
     dbuf: &'a mut Buf,
     ubuf: &'a mut Buf,
     pipes: &'a mut [Option<Pipe>; 2],
+    pool: &'a Pool,
 }
 
 impl Ingress {
@@ -91,27 +99,66 @@ impl Ingress {
             request_timeout,
             handshake_timeout: Duration::from_secs(5),
             idle_timeout,
-            idle: Mutex::default(),
         }
     }
 
-    /// Serves HTTP/1.1 on `listener` until `stop`.
-    pub async fn serve(self: Arc<Self>, listener: Listener, stop: Stop) -> anyhow::Result<()> {
-        tokio::pin!(stop);
-        loop {
-            let accepted = tokio::select! {
-                _ = &mut stop => return Ok(()),
-                a = accept(&listener, &self) => a,
-            };
-            if let Err(e) = accepted {
-                tracing::warn!("ingress accept: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+    /// Serves HTTP/1.1 on `listener` with `threads` threads of its own until `stop`, then
+    /// waits for them to end.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: Listener,
+        threads: usize,
+        stop: Stop,
+    ) -> anyhow::Result<()> {
+        let listener = Shared::of(listener)?;
+        let (tell, told) = tokio::sync::watch::channel(());
+        let mut workers = Vec::new();
+        for i in 0..threads {
+            let (l, me, told) = (listener.try_clone()?, self.clone(), told.clone());
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("ingress-{i}"))
+                    .spawn(move || me.thread(l, told))?,
+            );
         }
+        stop.await;
+        drop(tell);
+        tokio::task::spawn_blocking(move || {
+            workers.into_iter().try_for_each(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("an ingress thread panicked")))
+            })
+        })
+        .await?
+    }
+
+    /// One ingress thread: accepts and serves on a runtime of its own until `stop` is dropped.
+    fn thread(
+        self: Arc<Self>,
+        listener: Shared,
+        mut stop: tokio::sync::watch::Receiver<()>,
+    ) -> anyhow::Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let listener = listener.into_tokio()?;
+            let pool = Arc::new(Pool::default());
+            loop {
+                let accepted = tokio::select! {
+                    _ = stop.changed() => return Ok(()),
+                    a = accept(&listener, &self, &pool) => a,
+                };
+                if let Err(e) = accepted {
+                    tracing::warn!("ingress accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        })
     }
 
     /// Serves one client connection: requests one after another until it closes.
-    async fn connection(&self, down: Socket) {
+    async fn connection(&self, down: Socket, pool: &Pool) {
         let mut dbuf = Buf::new(MAX_HEAD);
         let mut ubuf = Buf::new(MAX_ANSWER_HEAD);
         let mut pipes = [None, None];
@@ -134,6 +181,7 @@ impl Ingress {
                 dbuf: &mut dbuf,
                 ubuf: &mut ubuf,
                 pipes: &mut pipes,
+                pool,
             };
             if !self.exchange(conn, req).await {
                 return;
@@ -172,7 +220,7 @@ impl Ingress {
     /// Forwards `req` and its answer; returns whether the client connection goes on.
     async fn exchange(&self, conn: Conn<'_>, req: Request) -> bool {
         let Some(vm) = self.routes.get(&req.vm) else {
-            self.forget(&req.vm);
+            conn.pool.forget(&req.vm);
             let refusal = Refusal {
                 status: StatusCode::NOT_FOUND,
                 message: format!(
@@ -230,10 +278,11 @@ impl Ingress {
             dbuf,
             ubuf,
             pipes,
+            pool,
         } = conn;
         let mut fresh_only = false;
         loop {
-            let (up, reused) = match self.upstream(&req.vm, socket, port, fresh_only).await {
+            let (up, reused) = match self.upstream(pool, &req.vm, socket, port, fresh_only).await {
                 Ok(u) => u,
                 Err(m) => return Err(Failure::new(StatusCode::BAD_GATEWAY, m)),
             };
@@ -241,7 +290,7 @@ impl Ingress {
             match self.relay(down, dbuf, ubuf, pipes, &up, req).await {
                 Ok((goes_on, reusable)) => {
                     if reusable {
-                        self.give_back(&req.vm, up);
+                        pool.give_back(&req.vm, up);
                     }
                     return Ok(goes_on);
                 }
@@ -414,12 +463,13 @@ impl Ingress {
     /// Returns it and whether it was reused.
     async fn upstream(
         &self,
+        pool: &Pool,
         vm: &str,
         socket: &Path,
         port: u32,
         fresh: bool,
     ) -> Result<(Socket, bool), String> {
-        if !fresh && let Some(s) = self.pooled(vm) {
+        if !fresh && let Some(s) = pool.take(vm) {
             return Ok((s, true));
         }
         let s = hvsock::connect(socket, port, self.handshake_timeout)
@@ -428,10 +478,12 @@ impl Ingress {
         let s = Socket::unix(s).map_err(|e| format!("vm {vm}: {e}"))?;
         Ok((s, false))
     }
+}
 
+impl Pool {
     /// An idle connection to `vm`'s workload that is still open.
-    fn pooled(&self, vm: &str) -> Option<Socket> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+    fn take(&self, vm: &str) -> Option<Socket> {
+        let mut idle = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(vm)?;
         while let Some(s) = list.pop() {
             if s.idle_and_open() {
@@ -443,7 +495,7 @@ impl Ingress {
 
     /// Keeps a connection that finished an exchange for the next request.
     fn give_back(&self, vm: &str, s: Socket) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.entry(vm.to_string()).or_default();
         if list.len() < POOL_PER_VM {
             list.push(s);
@@ -452,10 +504,7 @@ impl Ingress {
 
     /// Drops the idle connections of a VM that is gone.
     fn forget(&self, vm: &str) {
-        self.idle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(vm);
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(vm);
     }
 }
 
@@ -467,19 +516,49 @@ struct Answered {
 }
 
 /// Accepts one client and serves it on its own task.
-async fn accept(l: &Listener, ingress: &Arc<Ingress>) -> io::Result<()> {
-    let me = ingress.clone();
+async fn accept(l: &Listener, ingress: &Arc<Ingress>, pool: &Arc<Pool>) -> io::Result<()> {
+    let (me, pool) = (ingress.clone(), pool.clone());
     match l {
         Listener::Unix(l) => {
             let s = Socket::unix(l.accept().await?.0)?;
-            tokio::spawn(async move { me.connection(s).await });
+            tokio::spawn(async move { me.connection(s, &pool).await });
         }
         Listener::Tcp(l) => {
             let (s, _) = l.accept().await?;
             s.set_nodelay(true)?;
             let s = Socket::tcp(s)?;
-            tokio::spawn(async move { me.connection(s).await });
+            tokio::spawn(async move { me.connection(s, &pool).await });
         }
     }
     Ok(())
+}
+
+/// The listening socket, handed to each ingress thread as a descriptor of its own.
+enum Shared {
+    Unix(std::os::unix::net::UnixListener),
+    Tcp(std::net::TcpListener),
+}
+
+impl Shared {
+    fn of(l: Listener) -> io::Result<Shared> {
+        Ok(match l {
+            Listener::Unix(l) => Shared::Unix(l.into_std()?),
+            Listener::Tcp(l) => Shared::Tcp(l.into_std()?),
+        })
+    }
+
+    fn try_clone(&self) -> io::Result<Shared> {
+        Ok(match self {
+            Shared::Unix(l) => Shared::Unix(l.try_clone()?),
+            Shared::Tcp(l) => Shared::Tcp(l.try_clone()?),
+        })
+    }
+
+    /// Registers it with the current thread's runtime.
+    fn into_tokio(self) -> io::Result<Listener> {
+        Ok(match self {
+            Shared::Unix(l) => Listener::Unix(tokio::net::UnixListener::from_std(l)?),
+            Shared::Tcp(l) => Listener::Tcp(tokio::net::TcpListener::from_std(l)?),
+        })
+    }
 }

@@ -30,6 +30,11 @@ struct Args {
 async fn run(args: Args) -> anyhow::Result<()> {
     let daemon = Daemon::start("proxyd", args.daemon)?;
     let c = daemon.config.proxyd.clone();
+    let threads = c.ingress_threads.unwrap_or(1);
+    anyhow::ensure!(
+        threads >= 1,
+        "proxyd.ingress_threads is 0: the ingress needs at least one thread"
+    );
     let mut deny = c.deny.clone();
     let bridge = &daemon.config.networking.bridge;
     deny.push(bridge.subnet);
@@ -72,6 +77,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(ingress.serve(
         listener,
+        threads.into(),
         Box::pin(async {
             let _ = stop_rx.await;
         }),

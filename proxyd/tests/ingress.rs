@@ -51,7 +51,11 @@ fn get(path: &str) -> hyper::Request<Full<Bytes>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingress_routes_reuses_refuses_and_survives_a_crash() {
     let dir = tempfile::tempdir().unwrap();
-    let mut px = Proxyd::start(dir.path(), "proxyd:\n  max_body_bytes: 1048576\n").await;
+    let mut px = Proxyd::start(
+        dir.path(),
+        "proxyd:\n  max_body_bytes: 1048576\n  ingress_threads: 2\n",
+    )
+    .await;
     let good = px.run.join("vsock-3.sock");
     let dead = px.run.join("vsock-4.sock");
     let connections = endpoint(good.clone(), Mode::Serve);
@@ -253,4 +257,24 @@ async fn an_upgraded_connection_lives_while_either_side_talks() {
     let all = String::from_utf8_lossy(&all);
     assert!(all.starts_with("HTTP/1.1 101"), "{all}");
     assert_eq!(all.matches("tick\n").count(), 6, "{all}");
+}
+
+#[test]
+fn an_ingress_without_threads_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("volant.yaml");
+    std::fs::write(&config, "proxyd:\n  ingress_threads: 0\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_proxyd"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--run-dir")
+        .arg(dir.path().join("run"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("proxyd.ingress_threads is 0"), "{err}");
+    assert!(!dir.path().join("run/proxyd-ingress.sock").exists());
 }
