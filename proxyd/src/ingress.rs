@@ -50,7 +50,7 @@ pub struct Ingress {
 }
 
 /// One ingress thread's idle connections to workloads, per VM (registered with that thread's
-/// runtime, so never shared with another).
+/// runtime, so never shared with another; the lock, never contended, only makes tasks `Send`).
 #[derive(Default)]
 struct Pool(Mutex<HashMap<String, Vec<Socket>>>);
 
@@ -118,7 +118,13 @@ impl Ingress {
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("ingress-{i}"))
-                    .spawn(move || me.thread(l, told))?,
+                    .spawn(move || {
+                        let ended = me.thread(l, told);
+                        if let Err(e) = &ended {
+                            tracing::error!("ingress thread {i} stopped: {e:#}");
+                        }
+                        ended
+                    })?,
             );
         }
         stop.await;

@@ -87,7 +87,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .serve(Services::default().with(ProxyServer::new(grpc::ProxyService(routes))))
         .await;
     let _ = stop_tx.send(());
-    let _ = serving.await;
+    match serving.await {
+        Ok(Err(e)) => tracing::error!("ingress: {e:#}"),
+        Err(e) => tracing::error!("ingress: {e}"),
+        Ok(Ok(())) => {}
+    }
     if let Addr::Unix(path) = &ingress_addr {
         let _ = std::fs::remove_file(path);
     }
