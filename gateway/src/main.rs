@@ -24,6 +24,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use anyhow::Context as _;
 use clap::Parser;
 use tonic_health::pb::health_client::HealthClient;
+use volant_services::addr::Addr;
 use volant_services::api::ipam::v1::ipam_client::IpamClient;
 use volant_services::api::net::v1::net_client::NetClient;
 use volant_services::api::vmm::v1::vmm_client::VmmClient;
@@ -40,17 +41,21 @@ struct Args {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let daemon = Daemon::start("gateway", args.daemon)?;
+    check_open_door(&daemon).await?;
     let channels = [
         ("vmmd", daemon.dial_peer("vmmd")?),
         ("ipamd", daemon.dial_peer("ipamd")?),
         ("netd", daemon.dial_peer("netd")?),
         ("proxyd", daemon.dial_peer("proxyd")?),
     ];
-    let ingress = daemon.config.proxyd.ingress.clone().unwrap_or_else(|| {
-        volant_services::addr::Addr::Unix(daemon.run_dir.join("proxyd-ingress.sock"))
-    });
+    let ingress = daemon
+        .config
+        .proxyd
+        .ingress
+        .clone()
+        .unwrap_or_else(|| Addr::Unix(daemon.run_dir.join("proxyd-ingress.sock")));
     anyhow::ensure!(
-        daemon.tls.is_none() || matches!(ingress, volant_services::addr::Addr::Unix(_)),
+        daemon.tls.is_none() || matches!(ingress, Addr::Unix(_)),
         "proxyd's ingress is configured at {ingress}, but the config asks for mutual TLS between \
          the services and the ingress speaks plain HTTP: keep it on a Unix socket (the default)"
     );
@@ -79,14 +84,55 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let files = daemon::raise_file_limit();
+    let limits = serve::Limits {
+        per_client: g.max_connections_per_client.unwrap_or(256).max(1) as usize,
+        total: g
+            .max_connections
+            .map_or((files / 2).min(8192), u64::from)
+            .max(1) as usize,
+    };
     let app = router::router(peers, Arc::new(doors));
     daemon
         .run(move |listener, stop| async move {
-            serve::serve(listener, app, tls, stop)
+            serve::serve(listener, app, tls, limits, stop)
                 .await
                 .context("serving HTTP")
         })
         .await
+}
+
+/// Refuses to serve without API keys on an address other hosts can reach, unless the config
+/// says so in as many words; then warns.
+async fn check_open_door(daemon: &Daemon) -> anyhow::Result<()> {
+    let g = &daemon.config.gateway;
+    if !g.api_key_hashes.is_empty() {
+        return Ok(());
+    }
+    let reachable = match &daemon.listen {
+        Addr::Unix(_) => false,
+        Addr::Tcp(host_port) => tokio::net::lookup_host(host_port.as_str())
+            .await
+            .with_context(|| format!("resolving the listen address {host_port}"))?
+            .any(|a| !a.ip().to_canonical().is_loopback()),
+    };
+    if !reachable {
+        return Ok(());
+    }
+    anyhow::ensure!(
+        g.allow_unauthenticated,
+        "the gateway is to listen on {}, which other hosts (and the VMs on the bridge) can \
+         reach, and no API key is set: anyone reaching it would drive the whole API. Set \
+         gateway.api_key_hashes, listen on loopback, or write gateway.allow_unauthenticated: \
+         true to accept that",
+        daemon.listen
+    );
+    tracing::warn!(
+        listen = %daemon.listen,
+        "serving WITHOUT API keys on an address other hosts and the VMs can reach \
+         (gateway.allow_unauthenticated: true)"
+    );
+    Ok(())
 }
 
 fn main() -> ExitCode {

@@ -2,10 +2,16 @@
 //! reached through proxyd's ingress (which speaks hybrid vsock to kestrel); a bridge VM directly
 //! at its address and workload port. The body streams both ways; an upgrade is spliced.
 //! Connections to proxyd are kept and reused ([`Ingress`]); one to a bridge VM serves one request.
+//!
+//! The gateway's credentials never reach a workload: the `Authorization` field (the API key it
+//! checked) and `Cookie` (cookies of the gateway's origin, which every VM's workload shares) are
+//! removed. A client that has credentials for the workload itself sends them as
+//! `X-Volant-Workload-Authorization` and `X-Volant-Workload-Cookie`, which arrive as
+//! `Authorization` and `Cookie`.
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{StatusCode, Uri};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use hyper::body::Body as HttpBody;
 use hyper::client::conn::http1::SendRequest;
@@ -26,6 +32,26 @@ fn bad_gateway(name: &str, e: impl std::fmt::Display) -> ApiError {
         "BAD_GATEWAY",
         format!("vm {name:?}: {e}"),
     )
+}
+
+/// The fields a client addresses to the workload itself, and what they arrive as.
+const FOR_THE_WORKLOAD: [(&str, header::HeaderName); 2] = [
+    ("x-volant-workload-authorization", header::AUTHORIZATION),
+    ("x-volant-workload-cookie", header::COOKIE),
+];
+
+/// Removes the gateway's credentials from a request to a workload and puts what the client
+/// addressed to the workload in their place.
+fn workload_credentials(h: &mut HeaderMap) {
+    h.remove(header::AUTHORIZATION);
+    h.remove(header::COOKIE);
+    for (theirs, as_named) in FOR_THE_WORKLOAD {
+        let values: Vec<_> = h.get_all(theirs).iter().cloned().collect();
+        h.remove(theirs);
+        for v in values {
+            h.append(as_named.clone(), v);
+        }
+    }
 }
 
 /// What became of a request on a connection.
@@ -186,6 +212,7 @@ async fn forward(p: Peers, name: String, mut req: Request) -> Result<Response, A
             "vm {name:?} is not running; start it first"
         ))));
     }
+    workload_credentials(req.headers_mut());
     let original = req
         .uri()
         .path_and_query()
@@ -319,6 +346,35 @@ mod tests {
     async fn text(res: Response) -> String {
         let body = res.into_body().collect().await.unwrap().to_bytes();
         String::from_utf8_lossy(&body).into()
+    }
+
+    #[test]
+    fn the_gateways_credentials_stay_behind() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("authorization", "Bearer operator-key"),
+            ("cookie", "session=operator"),
+            ("cookie", "other=1"),
+            ("x-volant-workload-authorization", "Basic d29yazpsb2Fk"),
+            ("x-volant-workload-cookie", "app=1"),
+            ("x-other", "kept"),
+        ] {
+            h.append(k, v.parse().unwrap());
+        }
+        workload_credentials(&mut h);
+        let mut all: Vec<(String, String)> = h
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string()))
+            .collect();
+        all.sort();
+        assert_eq!(
+            all,
+            [
+                ("authorization".into(), "Basic d29yazpsb2Fk".into()),
+                ("cookie".into(), "app=1".into()),
+                ("x-other".into(), "kept".into()),
+            ]
+        );
     }
 
     #[tokio::test]

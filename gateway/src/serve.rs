@@ -1,8 +1,14 @@
 //! The gateway's listener: plain HTTP or TLS (rustls, the certificate re-read on SIGHUP), each
 //! connection's client address handed to the router, in-flight requests drained on stop.
+//! Connections are bounded before anything is read from them: at most so many from one client
+//! address and so many in all (a connection past either is closed at once), and a request head
+//! must arrive within [`HEAD_TIMEOUT`].
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use axum::Router;
@@ -80,16 +86,88 @@ impl Tls {
     }
 }
 
+/// How long a client has to send a request head (and a kept connection may idle).
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many connections the gateway holds.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// From one client address.
+    pub per_client: usize,
+    /// In all.
+    pub total: usize,
+}
+
+/// The connections held now, by client address.
+struct Held {
+    limits: Limits,
+    state: Mutex<(HashMap<IpAddr, usize>, usize)>,
+    /// When a refusal was last logged.
+    said: Mutex<Option<Instant>>,
+}
+
+/// One connection counted in [`Held`]; uncounted when dropped.
+struct Slot(Arc<Held>, Option<IpAddr>);
+
+impl Held {
+    /// Counts a new connection from `peer`, or says why it is refused.
+    fn take(self: &Arc<Self>, peer: Option<IpAddr>) -> Result<Slot, &'static str> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.1 >= self.limits.total {
+            return Err("the gateway holds as many connections as it may");
+        }
+        if let Some(ip) = peer {
+            let n = s.0.entry(ip).or_default();
+            if *n >= self.limits.per_client {
+                return Err("the client holds as many connections as one may");
+            }
+            *n += 1;
+        }
+        s.1 += 1;
+        Ok(Slot(self.clone(), peer))
+    }
+
+    /// Logs a refusal, at most once a second.
+    fn refused(&self, peer: Option<IpAddr>, why: &str) {
+        let mut said = self.said.lock().unwrap_or_else(|p| p.into_inner());
+        if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            *said = Some(Instant::now());
+            tracing::warn!(client = ?peer, limits = ?self.limits, "connection closed: {why}");
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut s = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.1 -= 1;
+        if let Some(ip) = self.1
+            && let Some(n) = s.0.get_mut(&ip)
+        {
+            *n -= 1;
+            if *n == 0 {
+                s.0.remove(&ip);
+            }
+        }
+    }
+}
+
 /// Serves `app` on `listener` until `stop`, then lets in-flight requests finish (the daemon
 /// bounds the wait).
 pub async fn serve(
     listener: Listener,
     app: Router,
     tls: Option<Arc<Tls>>,
+    limits: Limits,
     stop: Stop,
 ) -> anyhow::Result<()> {
     let (stopping, _) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
+    let held = Arc::new(Held {
+        limits,
+        state: Mutex::default(),
+        said: Mutex::default(),
+    });
     tokio::pin!(stop);
     loop {
         while connections.try_join_next().is_some() {}
@@ -104,17 +182,22 @@ pub async fn serve(
                 }
             },
         };
+        let slot = match held.take(peer.0) {
+            Ok(slot) => slot,
+            Err(why) => {
+                held.refused(peer.0, why);
+                continue;
+            }
+        };
         let app = app.clone();
         let tls = tls.clone();
         let mut stopped = stopping.subscribe();
         connections.spawn(async move {
+            let _slot = slot;
             let io: Box<dyn Io> = match tls {
                 Some(tls) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
-                    let handshake = tokio::time::timeout(
-                        std::time::Duration::from_secs(10),
-                        acceptor.accept(io),
-                    );
+                    let handshake = tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(io));
                     match handshake.await {
                         Ok(Ok(s)) => Box::new(s),
                         _ => return,
@@ -130,7 +213,7 @@ pub async fn serve(
             );
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(30))
+                .header_read_timeout(HEAD_TIMEOUT)
                 .serve_connection(TokioIo::new(io), TowerToHyperService::new(svc))
                 .with_upgrades();
             tokio::pin!(conn);

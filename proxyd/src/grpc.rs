@@ -41,7 +41,7 @@ impl Proxy for ProxyService {
         _: Request<pb::ListRoutesRequest>,
     ) -> Result<Response<pb::ListRoutesResponse>, Status> {
         Ok(Response::new(pb::ListRoutesResponse {
-            routes: self.0.all().iter().map(|v| v.route.clone()).collect(),
+            routes: self.0.all(),
         }))
     }
 
@@ -50,17 +50,12 @@ impl Proxy for ProxyService {
         req: Request<pb::GetStatsRequest>,
     ) -> Result<Response<pb::GetStatsResponse>, Status> {
         let vm = req.into_inner().vm;
-        let vms = if vm.is_empty() {
-            self.0.all()
-        } else {
-            vec![
-                self.0
-                    .get(&vm)
-                    .ok_or_else(|| Status::not_found(format!("vm {vm:?} has no route")))?,
-            ]
-        };
-        Ok(Response::new(pb::GetStatsResponse {
-            vms: vms.iter().map(|v| v.stats.to_pb(&v.route.vm)).collect(),
-        }))
+        let vms = self.0.stats((!vm.is_empty()).then_some(vm.as_str()));
+        if vms.is_empty() && !vm.is_empty() {
+            return Err(Status::not_found(format!(
+                "vm {vm:?} has no route and no counters"
+            )));
+        }
+        Ok(Response::new(pb::GetStatsResponse { vms }))
     }
 }

@@ -215,7 +215,7 @@ impl Ingress {
                     len: 0,
                 }));
             }
-            match buf.fill(down).await {
+            match buf.fill(&mut { down }).await {
                 Ok(0) if buf.is_empty() => return Ok(None),
                 Ok(0) | Err(_) => return Err(None),
                 Ok(_) => {}
@@ -225,7 +225,7 @@ impl Ingress {
 
     /// Forwards `req` and its answer; returns whether the client connection goes on.
     async fn exchange(&self, conn: Conn<'_>, req: Request) -> bool {
-        let Some(vm) = self.routes.get(&req.vm) else {
+        let Some((vm, route)) = self.routes.route(&req.vm) else {
             conn.pool.forget(&req.vm);
             let refusal = Refusal {
                 status: StatusCode::NOT_FOUND,
@@ -240,12 +240,9 @@ impl Ingress {
             return sent.is_ok() && !refusal.close;
         };
         vm.stats.ingress_requests.fetch_add(1, Relaxed);
-        let socket = Path::new(&vm.route.socket);
+        let socket = Path::new(&route.socket);
         let down = conn.down;
-        match self
-            .forward(conn, &req, socket, vm.route.ingress_port)
-            .await
-        {
+        match self.forward(conn, &req, socket, route.ingress_port).await {
             Ok(goes_on) => goes_on,
             Err(f) => {
                 vm.stats.ingress_errors.fetch_add(1, Relaxed);
@@ -334,7 +331,8 @@ impl Ingress {
         let outcome = {
             let [pipe_up, pipe_down] = &mut *pipes;
             let (max, idle) = (self.max_body, self.idle_timeout);
-            let body = wire::carry(down, dbuf, up, rest, max, pipe_up, idle);
+            let (mut from, mut to) = (down, up);
+            let body = wire::carry(&mut from, dbuf, &mut to, rest, max, pipe_up, idle);
             let answer = self.answer(up, ubuf, down, req, pipe_down);
             tokio::pin!(body, answer);
             loop {
@@ -385,7 +383,7 @@ impl Ingress {
         };
         loop {
             let head = loop {
-                match wire::parse_answer(ubuf.bytes(), req) {
+                match wire::parse_answer(ubuf.bytes(), &req.asked()) {
                     Ok(Some(a)) => break a,
                     Ok(None) if ubuf.is_full() => {
                         return Err(fail(answered, "the answer's head is too large".into()));
@@ -393,7 +391,7 @@ impl Ingress {
                     Ok(None) => {}
                     Err(m) => return Err(fail(answered, m)),
                 }
-                match tokio::time::timeout_at(deadline, ubuf.fill(up)).await {
+                match tokio::time::timeout_at(deadline, ubuf.fill(&mut { up })).await {
                     Err(_) => {
                         return Err(Failure {
                             answered,
@@ -439,9 +437,18 @@ impl Ingress {
                     closes: true,
                 });
             }
-            wire::carry(up, ubuf, down, rest, u64::MAX, pipe, self.idle_timeout)
-                .await
-                .map_err(|e| fail(true, format!("the answer's body broke off: {e}")))?;
+            let (mut from, mut to) = (up, down);
+            wire::carry(
+                &mut from,
+                ubuf,
+                &mut to,
+                rest,
+                u64::MAX,
+                pipe,
+                self.idle_timeout,
+            )
+            .await
+            .map_err(|e| fail(true, format!("the answer's body broke off: {e}")))?;
             if head.closes {
                 down.shutdown_write();
             }

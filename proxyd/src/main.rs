@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use proxyd::{egress, grpc, ingress, resolve, routes, tls};
+use proxyd::{egress, grpc, ingress, networks, resolve, routes, tls};
 use volant_services::addr::Addr;
 use volant_services::api::proxy::v1::proxy_server::ProxyServer;
 use volant_services::daemon::{self, Daemon, DaemonArgs, Services};
@@ -35,14 +35,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
         threads >= 1,
         "proxyd.ingress_threads is 0: the ingress needs at least one thread"
     );
+    let (max_upstreams, max_connections) = (
+        c.max_upstreams.unwrap_or(64),
+        c.max_connections.unwrap_or(256),
+    );
+    anyhow::ensure!(
+        max_upstreams >= 1 && max_connections >= 1,
+        "proxyd.max_upstreams and proxyd.max_connections must be at least 1"
+    );
     let mut deny = c.deny.clone();
-    let bridge = &daemon.config.networking.bridge;
-    deny.push(bridge.subnet);
+    deny.push(daemon.config.networking.bridge.subnet);
+    let denied = Arc::new(networks::Denied::new(deny));
+    tokio::spawn(denied.clone().follow(daemon.dial_peer("ipamd")?));
     let egress = Arc::new(egress::Egress {
         resolver: resolve::Resolver::from_config(c.resolver.as_ref())
             .map_err(|e| anyhow::anyhow!("proxyd.{e}"))?,
         tls: tls::client_config(c.extra_ca.as_deref())?,
-        deny,
+        denied,
         dial_timeout: Duration::from_secs(10),
         idle_timeout: Duration::from_secs(c.idle_timeout_secs.unwrap_or(60)),
         total_timeout: Duration::from_secs(c.total_timeout_secs.unwrap_or(3600)),
@@ -51,7 +60,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         requests_per_second: c.requests_per_second.unwrap_or(50),
         burst: c.burst.unwrap_or(100),
         bytes_per_second: c.bytes_per_second.unwrap_or(12_500_000),
-        max_tunnels: c.max_tunnels.unwrap_or(64),
+        max_upstreams,
+        max_connections,
     };
     let routes = Arc::new(routes::Routes::open(
         &daemon.state_dir,

@@ -1,13 +1,18 @@
 //! The registered VMs: their routes and egress policies, durable in sled so that a restarted
-//! proxyd re-opens every egress listener before it answers, plus each VM's live state (rate
-//! buckets, tunnel permits, counters, the egress listener task).
+//! proxyd re-opens every egress listener before it answers. A VM's registration lives in a
+//! [`Vm`] for as long as it is registered, whatever its policy becomes: a new policy replaces
+//! the [`Policy`] every connection of the VM watches (a kept connection checks its next request
+//! against it, a tunnel is closed when its host is no longer allowed), and unregistering closes
+//! them all at once. A VM's counters outlive its registration.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use prost::Message as _;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tonic::Status;
 use volant_services::api::proxy::v1 as pb;
 use volant_services::validate::dns_label;
@@ -19,8 +24,12 @@ use crate::stats::Stats;
 
 /// The guest port on which a guest reaches the host's egress proxy (CID 2).
 pub const EGRESS_PORT: u32 = 3128;
+/// The ports a policy that names none may reach.
+pub const DEFAULT_PORTS: [u16; 2] = [80, 443];
+/// Unregistered VMs whose counters are kept.
+const RETIRED: usize = 1024;
 
-/// Limits that apply when a VM's policy names none.
+/// Limits that apply when a VM's policy names none, and the caps every VM has.
 #[derive(Clone, Debug)]
 pub struct Defaults {
     /// Requests per second.
@@ -29,48 +38,118 @@ pub struct Defaults {
     pub burst: u32,
     /// Bytes per second.
     pub bytes_per_second: u64,
-    /// Concurrent tunnels.
-    pub max_tunnels: u32,
+    /// Concurrent upstream connections: tunnels and forwarded requests alike.
+    pub max_upstreams: u32,
+    /// Concurrent connections to the VM's egress socket.
+    pub max_connections: u32,
 }
 
-/// One registered VM.
-pub struct Vm {
+/// A VM's registration as it stands: its route and the egress policy compiled from it.
+pub struct Policy {
     /// Its route, as registered (with `egress_socket` set).
     pub route: pb::Route,
     /// Its allowlist.
     pub allow: Allowlist,
+    /// The ports it may reach, sorted.
+    pub ports: Vec<u16>,
     /// Requests (and CONNECTs).
-    pub requests: Bucket,
+    pub requests: Arc<Bucket>,
     /// Bytes both ways.
-    pub bytes: Bucket,
-    /// Open tunnels.
-    pub tunnels: Arc<Semaphore>,
+    pub bytes: Arc<Bucket>,
+    rates: (u32, u32, u64),
+}
+
+impl Policy {
+    /// Whether the VM may reach the outside at all.
+    pub fn outbound(&self) -> bool {
+        self.route.egress.as_ref().is_some_and(|e| e.allow_outbound)
+    }
+}
+
+/// One registered VM.
+pub struct Vm {
+    /// Its name.
+    pub name: String,
     /// Its counters.
     pub stats: Arc<Stats>,
-    listener: tokio::task::AbortHandle,
+    /// Upstream connections open: tunnels and forwarded requests.
+    pub upstreams: Arc<Semaphore>,
+    /// Connections to its egress socket.
+    pub connections: Arc<Semaphore>,
+    policy: watch::Sender<Option<Arc<Policy>>>,
+    listener: Mutex<Option<(String, tokio::task::AbortHandle)>>,
+}
+
+impl Vm {
+    /// Its policy now; `None` once it is unregistered.
+    pub fn policy(&self) -> Option<Arc<Policy>> {
+        self.policy.borrow().clone()
+    }
+
+    /// Hears of every change of its policy (`None`: unregistered).
+    pub fn watch(&self) -> watch::Receiver<Option<Arc<Policy>>> {
+        self.policy.subscribe()
+    }
+
+    /// `n` bytes went the way `outbound` says: counted, and drawn from the byte budget of the
+    /// policy now in force. Returns the pause owed.
+    pub fn carried(&self, outbound: bool, n: usize) -> Duration {
+        let c = if outbound {
+            &self.stats.egress_bytes_out
+        } else {
+            &self.stats.egress_bytes_in
+        };
+        c.fetch_add(n as u64, Relaxed);
+        self.policy
+            .borrow()
+            .as_ref()
+            .map_or(Duration::ZERO, |p| p.bytes.take(n as f64))
+    }
+
+    fn stop_listening(&self) {
+        if let Some((socket, task)) = self
+            .listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            task.abort();
+            let _ = std::fs::remove_file(socket);
+        }
+    }
 }
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        self.listener.abort();
+        if let Some((_, task)) = self.listener.get_mut().unwrap_or_else(|p| p.into_inner()) {
+            task.abort();
+        }
     }
 }
 
-/// Every registered VM.
+/// Every VM's counters, and the names of those unregistered, oldest first.
+#[derive(Default)]
+struct Counted(BTreeMap<String, Arc<Stats>>, VecDeque<String>);
+
+/// Every registered VM, and the counters of those no longer registered.
 pub struct Routes {
     tree: sled::Tree,
     db: sled::Db,
     defaults: Defaults,
     egress: Arc<Egress>,
     vms: RwLock<BTreeMap<String, Arc<Vm>>>,
+    stats: Mutex<Counted>,
+    /// Registrations and unregistrations, one at a time.
+    writing: tokio::sync::Mutex<()>,
 }
 
 fn invalid(m: impl Into<String>) -> Status {
     Status::invalid_argument(m)
 }
 
-/// Checks a route as vmmd sends it; returns it normalised with its egress socket.
-pub fn validate(mut r: pb::Route) -> Result<(pb::Route, Allowlist), Status> {
+/// Checks a route as vmmd sends it; returns it normalised with its egress socket, its
+/// allowlist and its ports.
+pub fn validate(mut r: pb::Route) -> Result<(pb::Route, Allowlist, Vec<u16>), Status> {
     dns_label("vm", &r.vm).map_err(invalid)?;
     if r.cid < 3 || r.cid == u32::MAX {
         return Err(invalid(format!(
@@ -95,8 +174,24 @@ pub fn validate(mut r: pb::Route) -> Result<(pb::Route, Allowlist), Status> {
     let egress = r.egress.get_or_insert_with(Default::default);
     let allow = Allowlist::new(&egress.allowed_domains)
         .map_err(|e| invalid(format!("egress.allowed_domains: {e}")))?;
+    let mut ports = Vec::new();
+    for p in &egress.allowed_ports {
+        match u16::try_from(*p) {
+            Ok(p) if p > 0 => ports.push(p),
+            _ => {
+                return Err(invalid(format!(
+                    "egress.allowed_ports: {p} is not a port (1–65535)"
+                )));
+            }
+        }
+    }
+    if ports.is_empty() {
+        ports.extend(DEFAULT_PORTS);
+    }
+    ports.sort_unstable();
+    ports.dedup();
     r.egress_socket = format!("{}_{EGRESS_PORT}", r.socket);
-    Ok((r, allow))
+    Ok((r, allow, ports))
 }
 
 impl Routes {
@@ -118,12 +213,14 @@ impl Routes {
             defaults,
             egress,
             vms: RwLock::new(BTreeMap::new()),
+            stats: Mutex::new(Default::default()),
+            writing: tokio::sync::Mutex::new(()),
         };
         for item in routes.tree.iter() {
             let (_, v) = item?;
             let stored = pb::Route::decode(v.as_ref())?;
             let name = stored.vm.clone();
-            match validate(stored).and_then(|(r, allow)| routes.activate(r, allow)) {
+            match validate(stored).and_then(|(r, allow, ports)| routes.activate(r, allow, ports)) {
                 Ok(()) => tracing::info!(vm = %name, "route restored"),
                 Err(e) => tracing::error!(vm = %name, "route not restored: {}", e.message()),
             }
@@ -131,7 +228,9 @@ impl Routes {
         Ok(routes)
     }
 
-    fn activate(&self, route: pb::Route, allow: Allowlist) -> Result<(), Status> {
+    /// Puts a validated route in force: the VM's listener (re)bound when its socket changed,
+    /// its policy replaced (byte and request budgets kept when their rates did not change).
+    fn activate(&self, route: pb::Route, allow: Allowlist, ports: Vec<u16>) -> Result<(), Status> {
         let p = route.egress.clone().unwrap_or_default();
         let d = &self.defaults;
         let rps = if p.requests_per_second == 0 {
@@ -149,34 +248,58 @@ impl Routes {
         } else {
             p.bytes_per_second
         };
-        if let Some(old) = self.get(&route.vm) {
-            old.listener.abort();
-            let _ = std::fs::remove_file(&old.route.egress_socket);
-        }
-        let listener = volant_services::daemon::bind_unix(&PathBuf::from(&route.egress_socket))
-            .map_err(|e| Status::internal(format!("{e:#}")))?;
-        let stats = self
-            .get(&route.vm)
-            .map(|old| old.stats.clone())
-            .unwrap_or_default();
-        let vm = Arc::new_cyclic(|me: &std::sync::Weak<Vm>| {
-            let task = tokio::spawn(self.egress.clone().serve(listener, me.clone()));
-            Vm {
-                allow,
-                requests: Bucket::new(f64::from(rps), f64::from(burst)),
-                bytes: Bucket::new(bps as f64, bps as f64),
-                tunnels: Arc::new(Semaphore::new(d.max_tunnels as usize)),
-                stats,
-                listener: task.abort_handle(),
-                route,
-            }
+        let vm = self.get(&route.vm).unwrap_or_else(|| {
+            Arc::new(Vm {
+                name: route.vm.clone(),
+                stats: self.stats_of(&route.vm),
+                upstreams: Arc::new(Semaphore::new(d.max_upstreams as usize)),
+                connections: Arc::new(Semaphore::new(d.max_connections as usize)),
+                policy: watch::Sender::new(None),
+                listener: Mutex::new(None),
+            })
         });
-        let name = vm.route.vm.clone();
+        let bound = vm
+            .listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|(socket, _)| *socket == route.egress_socket);
+        if !bound {
+            vm.stop_listening();
+            let listener = volant_services::daemon::bind_unix(&PathBuf::from(&route.egress_socket))
+                .map_err(|e| Status::internal(format!("{e:#}")))?;
+            let task = tokio::spawn(self.egress.clone().serve(listener, Arc::downgrade(&vm)));
+            *vm.listener.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((route.egress_socket.clone(), task.abort_handle()));
+        }
+        let rates = (rps, burst, bps);
+        let (requests, bytes) = match vm.policy() {
+            Some(old) if old.rates == rates => (old.requests.clone(), old.bytes.clone()),
+            _ => (
+                Arc::new(Bucket::new(f64::from(rps), f64::from(burst))),
+                Arc::new(Bucket::new(bps as f64, bps as f64)),
+            ),
+        };
+        vm.policy.send_replace(Some(Arc::new(Policy {
+            route,
+            allow,
+            ports,
+            requests,
+            bytes,
+            rates,
+        })));
+        vm.stats.registered.store(true, Relaxed);
         self.vms
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(name, vm);
+            .insert(vm.name.clone(), vm);
         Ok(())
+    }
+
+    /// The counters of `vm`, kept or new.
+    fn stats_of(&self, vm: &str) -> Arc<Stats> {
+        let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        s.0.entry(vm.to_string()).or_default().clone()
     }
 
     /// A registered VM.
@@ -188,30 +311,56 @@ impl Routes {
             .cloned()
     }
 
-    /// Every registered VM.
-    pub fn all(&self) -> Vec<Arc<Vm>> {
-        self.vms
+    /// A registered VM's route.
+    pub fn route(&self, vm: &str) -> Option<(Arc<Vm>, pb::Route)> {
+        let vm = self.get(vm)?;
+        let route = vm.policy()?.route.clone();
+        Some((vm, route))
+    }
+
+    /// Every registered route.
+    pub fn all(&self) -> Vec<pb::Route> {
+        let vms: Vec<Arc<Vm>> = self
+            .vms
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .values()
             .cloned()
+            .collect();
+        vms.iter()
+            .filter_map(|v| Some(v.policy()?.route.clone()))
+            .collect()
+    }
+
+    /// The counters of `vm` (registered or not), or of every VM proxyd has counted for.
+    pub fn stats(&self, vm: Option<&str>) -> Vec<pb::VmStats> {
+        let s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        s.0.iter()
+            .filter(|(name, _)| vm.is_none_or(|v| v == *name))
+            .map(|(name, st)| st.to_pb(name))
             .collect()
     }
 
     /// Registers (or replaces) a route; durable before it returns. Returns the route and
     /// whether anything changed.
     pub async fn register(&self, route: pb::Route) -> Result<(pb::Route, bool), Status> {
-        let (route, allow) = validate(route)?;
-        if self.get(&route.vm).is_some_and(|old| old.route == route) {
+        let (route, allow, ports) = validate(route)?;
+        let _one = self.writing.lock().await;
+        if self
+            .get(&route.vm)
+            .and_then(|v| v.policy())
+            .is_some_and(|old| old.route == route)
+        {
             return Ok((route, false));
         }
-        let taken = self.all().into_iter().find(|v| {
-            v.route.vm != route.vm && (v.route.cid == route.cid || v.route.socket == route.socket)
-        });
+        let taken = self
+            .all()
+            .into_iter()
+            .find(|r| r.vm != route.vm && (r.cid == route.cid || r.socket == route.socket));
         if let Some(other) = taken {
             return Err(Status::already_exists(format!(
                 "cid {} / socket {} belong to vm {:?}; unregister it first",
-                route.cid, route.socket, other.route.vm
+                route.cid, route.socket, other.vm
             )));
         }
         self.tree
@@ -221,14 +370,16 @@ impl Routes {
             .flush_async()
             .await
             .map_err(|e| Status::internal(format!("flushing the route: {e}")))?;
-        self.activate(route.clone(), allow)?;
+        self.activate(route.clone(), allow, ports)?;
         tracing::info!(vm = %route.vm, cid = route.cid, socket = %route.socket, "route registered");
         Ok((route, true))
     }
 
-    /// Removes a route and its egress listener; returns whether it existed.
+    /// Removes a route: its egress listener closes, and so does every connection and tunnel of
+    /// the VM. Returns whether it existed.
     pub async fn unregister(&self, vm: &str) -> Result<bool, Status> {
         dns_label("vm", vm).map_err(invalid)?;
+        let _one = self.writing.lock().await;
         self.tree
             .remove(vm.as_bytes())
             .map_err(|e| Status::internal(format!("removing the route: {e}")))?;
@@ -241,10 +392,23 @@ impl Routes {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(vm);
-        if let Some(old) = &old {
-            let _ = std::fs::remove_file(&old.route.egress_socket);
-            tracing::info!(vm, "route unregistered");
+        let Some(old) = old else { return Ok(false) };
+        old.policy.send_replace(None);
+        old.stop_listening();
+        old.stats.registered.store(false, Relaxed);
+        let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        s.1.retain(|n| n != vm);
+        s.1.push_back(vm.to_string());
+        while s.1.len() > RETIRED {
+            let Some(gone) = s.1.pop_front() else { break };
+            if s.0
+                .get(&gone)
+                .is_some_and(|st| !st.registered.load(Relaxed))
+            {
+                s.0.remove(&gone);
+            }
         }
-        Ok(old.is_some())
+        tracing::info!(vm, "route unregistered");
+        Ok(true)
     }
 }

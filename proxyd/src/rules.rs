@@ -130,6 +130,7 @@ fn forbidden_v4(ip: Ipv4Addr) -> Option<&'static str> {
         [100, b, ..] if (64..128).contains(&b) => "carrier-grade NAT (RFC 6598)",
         [169, 254, ..] => "link-local (cloud metadata lives here)",
         [192, 0, 0, _] => "IETF protocol assignments (192.0.0.0/24)",
+        [192, 88, 99, _] => "the deprecated 6to4 relay anycast (192.88.99.0/24)",
         [198, b, ..] if b == 18 || b == 19 => "benchmarking (198.18.0.0/15)",
         [a, ..] if (224..240).contains(&a) => "multicast",
         [a, ..] if a >= 240 => "reserved (240.0.0.0/4) or broadcast",
@@ -137,39 +138,60 @@ fn forbidden_v4(ip: Ipv4Addr) -> Option<&'static str> {
     })
 }
 
-fn forbidden_v6(ip: Ipv6Addr, extra: &[IpNet]) -> Option<&'static str> {
+/// The IPv4 address an IPv6 address stands for, in every form that is routed to it: IPv4-mapped,
+/// IPv4-translated, IPv4-compatible, NAT64 (well-known prefix) and 6to4.
+fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let s = ip.segments();
-    // Forms that carry an IPv4 address are judged by it.
-    let embedded = if let Some(v4) = ip.to_ipv4_mapped() {
-        Some(v4)
-    } else if s[..6] == [0; 6] && !ip.is_unspecified() && !ip.is_loopback() {
-        // IPv4-compatible (deprecated) ::a.b.c.d.
-        Some(Ipv4Addr::from((u128::from(ip) & 0xffff_ffff) as u32))
-    } else if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] || s[..6] == [0x64, 0xff9b, 1, 0, 0, 0] {
-        // NAT64 (RFC 6052, RFC 8215).
-        Some(Ipv4Addr::from((u128::from(ip) & 0xffff_ffff) as u32))
-    } else if s[0] == 0x2002 {
-        // 6to4.
-        Some(Ipv4Addr::from(
-            ((u128::from(ip) >> 80) & 0xffff_ffff) as u32,
-        ))
-    } else {
-        None
-    };
-    if let Some(v4) = embedded {
+    let low = Ipv4Addr::from((u128::from(ip) & 0xffff_ffff) as u32);
+    if ip.is_unspecified() || ip.is_loopback() {
+        return None;
+    }
+    match s {
+        // ::ffff:a.b.c.d (mapped), ::ffff:0:a.b.c.d (translated, RFC 2765), ::a.b.c.d
+        // (compatible, deprecated).
+        [0, 0, 0, 0, 0, 0xffff, ..] | [0, 0, 0, 0, 0xffff, 0, ..] | [0, 0, 0, 0, 0, 0, ..] => {
+            Some(low)
+        }
+        // NAT64's well-known prefix (RFC 6052).
+        [0x64, 0xff9b, 0, 0, 0, 0, ..] => Some(low),
+        // 6to4: 2002:AABB:CCDD::/48.
+        [0x2002, hi, lo, ..] => Some(Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo))),
+        _ => None,
+    }
+}
+
+fn forbidden_v6(ip: Ipv6Addr, extra: &[IpNet]) -> Option<&'static str> {
+    if let Some(v4) = embedded_v4(ip) {
         return forbidden(v4.into(), extra).map(|_| "an IPv6 form of a forbidden IPv4 address");
     }
-    Some(match s[0] {
+    let s = ip.segments();
+    let why = match s[0] {
         _ if ip.is_unspecified() => "unspecified",
         _ if ip.is_loopback() => "loopback",
-        0x2001 if s[1] == 0 => "Teredo (hides an IPv4 address)",
+        // Anything else under ::/64 is an odd spelling of the forms above.
+        0 if s[1..4] == [0, 0, 0] => "reserved (::/64)",
+        // Its operator chooses where the IPv4 address sits: never public.
+        0x64 if s[1] == 0xff9b => "NAT64 (64:ff9b:1::/48 and odd spellings)",
+        0x0100 if s[1..3] == [0, 0] && (s[3] == 0 || s[3] == 1) => {
+            "discard-only or dummy (100::/64, 100:0:0:1::/64)"
+        }
+        0x2001 if s[1] < 0x0200 => "IETF protocol assignments (2001::/23, Teredo included)",
+        0x2001 if s[1] == 0x0db8 => "documentation (2001:db8::/32)",
+        0x3fff if s[1] < 0x1000 => "documentation (3fff::/20)",
+        0x5f00 => "segment routing (5f00::/16)",
         a if a & 0xfe00 == 0xfc00 => "unique local (fc00::/7)",
         a if a & 0xffc0 == 0xfe80 => "link-local",
         a if a & 0xffc0 == 0xfec0 => "site-local (deprecated)",
         a if a & 0xff00 == 0xff00 => "multicast",
-        0x0100 if s[1..4] == [0, 0, 0] => "discard-only (100::/64)",
+        // ISATAP (RFC 5214): an interface identifier ::0:5efe:a.b.c.d or ::200:5efe:a.b.c.d
+        // under any prefix is tunnelled to that IPv4 address.
+        _ if (s[4] == 0 || s[4] == 0x0200) && s[5] == 0x5efe => {
+            let v4 = Ipv4Addr::from((u128::from(ip) & 0xffff_ffff) as u32);
+            return forbidden(v4.into(), extra).map(|_| "ISATAP to a forbidden IPv4 address");
+        }
         _ => return None,
-    })
+    };
+    Some(why)
 }
 
 #[cfg(test)]
@@ -296,7 +318,26 @@ mod tests {
             "fec0::1",
             "ff02::1",
             "100::1",
+            "100:0:0:1::5",
             "::ffff:198.51.100.1",
+            // IPv4-translated (RFC 2765).
+            "::ffff:0:7f00:1",
+            "::ffff:0:a9fe:a9fe",
+            "::ffff:0:c0a8:7f01",
+            "::ffff:0:0",
+            // Odd spellings under ::/64, local-use NAT64, ISATAP with a private IPv4 address.
+            "::1:0:0:1",
+            "::fffe:7f00:1",
+            "64:ff9b:1:7f00:1::",
+            "64:ff9b:1::808:808",
+            "2606:4700::5efe:7f00:1",
+            "2606:4700::200:5efe:a9fe:a9fe",
+            "fe80::5efe:808:808",
+            "2001:2::1",
+            "2001:db8::1",
+            "3fff::1",
+            "5f00::1",
+            "192.88.99.1",
         ] {
             let ip: IpAddr = bad.parse().unwrap();
             assert!(forbidden(ip, &volant).is_some(), "{bad} allowed");
@@ -312,6 +353,9 @@ mod tests {
             "::ffff:1.1.1.1",
             "64:ff9b::808:808",
             "2002:808:808::1",
+            "::ffff:0:808:808",
+            "2606:4700::5efe:808:808",
+            "2a00:1450::1",
         ] {
             let ip: IpAddr = ok.parse().unwrap();
             assert_eq!(forbidden(ip, &volant), None, "{ok} refused");

@@ -1,7 +1,8 @@
 //! Moving bytes between sockets for both data planes: reads and writes driven by tokio's
 //! readiness on shared references (so one task can read a socket while it writes it), a read
 //! buffer, and splice(2) through a pipe so that large bodies and tunnels never pass through
-//! proxyd's memory.
+//! proxyd's memory. Bodies are read from a [`Source`] and written to a [`Sink`]: two sockets
+//! are spliced, anything else (a TLS stream) is copied.
 
 use std::future::Future;
 use std::io;
@@ -10,8 +11,108 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::unix::AsyncFd;
-use tokio::io::{Interest, Ready};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, Ready};
 use tokio::net::{TcpStream, UnixStream};
+
+/// Where a body is read from.
+pub trait Source: Send {
+    /// Reads into `buf`; 0 at the end of the stream.
+    fn read(&mut self, buf: &mut [u8]) -> impl Future<Output = io::Result<usize>> + Send;
+    /// The socket underneath, when bytes may be spliced from it.
+    fn socket(&self) -> Option<&Socket> {
+        None
+    }
+}
+
+/// Where a body is written to.
+pub trait Sink: Send {
+    /// Writes all of `buf`.
+    fn write_all(&mut self, buf: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
+    /// Ends the writing side.
+    fn finish(&mut self) -> impl Future<Output = ()> + Send;
+    /// The socket underneath, when bytes may be spliced into it.
+    fn socket(&self) -> Option<&Socket> {
+        None
+    }
+}
+
+impl Source for &Socket {
+    async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        Socket::read(self, buf).await
+    }
+
+    fn socket(&self) -> Option<&Socket> {
+        Some(self)
+    }
+}
+
+impl Sink for &Socket {
+    async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        Socket::write_all(self, buf).await
+    }
+
+    async fn finish(&mut self) {
+        self.shutdown_write();
+    }
+
+    fn socket(&self) -> Option<&Socket> {
+        Some(self)
+    }
+}
+
+/// Any tokio stream (half) as a [`Source`] or [`Sink`]; its bytes are copied.
+pub struct Stream<T>(pub T);
+
+impl<T: AsyncRead + Unpin + Send> Source for Stream<T> {
+    async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf).await
+    }
+}
+
+impl<T: AsyncWrite + Unpin + Send> Sink for Stream<T> {
+    async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        AsyncWriteExt::write_all(&mut self.0, buf).await
+    }
+
+    async fn finish(&mut self) {
+        let _ = self.0.shutdown().await;
+    }
+}
+
+/// When bytes last moved on a connection, either way.
+pub struct Activity {
+    started: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Default for Activity {
+    fn default() -> Activity {
+        Activity {
+            started: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Activity {
+    /// Bytes moved now.
+    pub fn moved(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Ends once nothing has moved for `idle`, with the error that says so.
+    pub async fn quiet(&self, idle: Duration) -> io::Error {
+        loop {
+            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let since = self.started.elapsed().saturating_sub(last);
+            if since >= idle {
+                return io::Error::new(io::ErrorKind::TimedOut, format!("idle for {idle:?}"));
+            }
+            tokio::time::sleep(idle - since).await;
+        }
+    }
+}
 
 /// The most one read into a [`Buf`] takes.
 pub const READ_SIZE: usize = 16 * 1024;
@@ -185,7 +286,7 @@ impl Buf {
 
     /// Reads more from `s`, at most [`READ_SIZE`] bytes so that a body following a head is
     /// mostly left for splicing; returns how many bytes came (0 at the end of the stream).
-    pub async fn fill(&mut self, s: &Socket) -> io::Result<usize> {
+    pub async fn fill(&mut self, s: &mut impl Source) -> io::Result<usize> {
         if self.data.len() - self.end < READ_SIZE {
             self.data.copy_within(self.start..self.end, 0);
             self.end -= self.start;
@@ -306,10 +407,9 @@ pub async fn both_ways(
     pace: impl Fn(bool, usize) -> Duration,
 ) -> io::Result<(u64, u64)> {
     let (there, back) = (Pipe::new()?, Pipe::new()?);
-    let started = Instant::now();
-    let last = AtomicU64::new(0);
+    let activity = Activity::default();
     let moved = |there: bool, n: usize| {
-        last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        activity.moved();
         pace(there, n)
     };
     let carried = async {
@@ -318,19 +418,10 @@ pub async fn both_ways(
             back.paced(b, a, limit, |n| moved(false, n)),
         )
     };
-    let quiet = async {
-        loop {
-            let since = started.elapsed() - Duration::from_millis(last.load(Ordering::Relaxed));
-            if since >= idle {
-                return io::Error::new(io::ErrorKind::TimedOut, format!("idle for {idle:?}"));
-            }
-            tokio::time::sleep(idle - since).await;
-        }
-    };
     let ended = async {
         tokio::select! {
             r = carried => r,
-            e = quiet => Err(e),
+            e = activity.quiet(idle) => Err(e),
         }
     };
     tokio::time::timeout(limit, ended).await.map_err(|_| {

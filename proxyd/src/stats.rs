@@ -2,13 +2,15 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 use volant_services::api::proxy::v1 as pb;
 
-/// One VM's counters since proxyd started.
+/// One VM's counters since proxyd started, kept after it is unregistered.
 #[derive(Default)]
 pub struct Stats {
+    /// Whether the VM has a route now.
+    pub registered: AtomicBool,
     /// Ingress requests received.
     pub ingress_requests: AtomicU64,
     /// Ingress requests proxyd answered with an error itself.
@@ -33,7 +35,7 @@ pub enum Verdict {
     Allow,
     /// Refused by a rule.
     Deny,
-    /// Refused by the rate limit or the tunnel cap.
+    /// Refused by a rate limit or a cap.
     Limit,
 }
 
@@ -72,6 +74,7 @@ impl Stats {
                 .iter()
                 .map(|(k, v)| (k.clone(), *v))
                 .collect(),
+            registered: self.registered.load(Relaxed),
         }
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 
-use crate::splice::{Buf, Pipe, Socket};
+use crate::splice::{Buf, Pipe, Sink, Source};
 
 /// The most header fields in one head.
 pub const MAX_HEADERS: usize = 128;
@@ -49,6 +49,28 @@ pub struct Request {
     pub len: usize,
 }
 
+/// What an answer is read against: the parts of its request that decide how it ends.
+#[derive(Clone, Copy, Debug)]
+pub struct Asked {
+    /// The request asked to switch protocols.
+    pub upgrade: bool,
+    /// It was a `HEAD`: the answer has no body whatever it says.
+    pub head_only: bool,
+    /// The client keeps its connection after the answer.
+    pub keep_alive: bool,
+}
+
+impl Request {
+    /// What its answer is read against.
+    pub fn asked(&self) -> Asked {
+        Asked {
+            upgrade: self.upgrade,
+            head_only: self.head_only,
+            keep_alive: self.keep_alive,
+        }
+    }
+}
+
 /// A request proxyd answers itself.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Refusal {
@@ -62,7 +84,7 @@ pub struct Refusal {
     pub len: usize,
 }
 
-fn refuse(status: StatusCode, message: impl Into<String>, close: bool) -> Refusal {
+pub(crate) fn refuse(status: StatusCode, message: impl Into<String>, close: bool) -> Refusal {
     Refusal {
         status,
         message: message.into(),
@@ -107,7 +129,7 @@ pub fn split_path(path_and_query: &str) -> Option<(&str, String)> {
 }
 
 /// The lower-cased tokens of every `Connection` field.
-fn connection_tokens(headers: &[httparse::Header]) -> Vec<String> {
+pub(crate) fn connection_tokens(headers: &[httparse::Header]) -> Vec<String> {
     headers
         .iter()
         .filter(|h| h.name.eq_ignore_ascii_case("connection"))
@@ -119,7 +141,7 @@ fn connection_tokens(headers: &[httparse::Header]) -> Vec<String> {
 }
 
 /// Whether a field describes one hop only; with `upgrade`, `Upgrade` passes.
-fn hop_by_hop(name: &str, tokens: &[String], upgrade: bool) -> bool {
+pub(crate) fn hop_by_hop(name: &str, tokens: &[String], upgrade: bool) -> bool {
     let n = name.to_ascii_lowercase();
     match n.as_str() {
         "connection"
@@ -136,7 +158,7 @@ fn hop_by_hop(name: &str, tokens: &[String], upgrade: bool) -> bool {
 }
 
 /// The body framing the fields declare: `Err` names what is ambiguous.
-fn framing(headers: &[httparse::Header]) -> Result<Option<Framing>, String> {
+pub(crate) fn framing(headers: &[httparse::Header]) -> Result<Option<Framing>, String> {
     let mut length: Option<u64> = None;
     let mut codings = Vec::new();
     for h in headers {
@@ -172,7 +194,12 @@ fn framing(headers: &[httparse::Header]) -> Result<Option<Framing>, String> {
     }
 }
 
-fn push_fields(out: &mut Vec<u8>, headers: &[httparse::Header], tokens: &[String], upgrade: bool) {
+pub(crate) fn push_fields(
+    out: &mut Vec<u8>,
+    headers: &[httparse::Header],
+    tokens: &[String],
+    upgrade: bool,
+) {
     for h in headers {
         if !hop_by_hop(h.name, tokens, upgrade) {
             out.extend_from_slice(h.name.as_bytes());
@@ -186,10 +213,33 @@ fn push_fields(out: &mut Vec<u8>, headers: &[httparse::Header], tokens: &[String
     }
 }
 
-/// Parses a request head at the start of `buf`: `Ok(None)` while it is incomplete.
-pub fn parse_request(buf: &[u8], max_body: u64) -> Result<Option<Request>, Refusal> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut fields);
+/// A request head parsed by the rules both data planes share: framing unambiguous (no
+/// `Content-Length` with `Transfer-Encoding`, no conflicting lengths, a final `chunked` the only
+/// coding, none on HTTP/1.0).
+pub(crate) struct Head<'h, 'b> {
+    /// The method.
+    pub method: &'b str,
+    /// The request target as written.
+    pub target: &'b str,
+    /// The header fields.
+    pub headers: &'h [httparse::Header<'b>],
+    /// How the body is delimited.
+    pub framing: Framing,
+    /// The `Connection` tokens, lower case.
+    pub tokens: Vec<String>,
+    /// Whether the client keeps the connection after the answer.
+    pub keep_alive: bool,
+    /// The length of the head in the buffer.
+    pub len: usize,
+}
+
+/// Parses a request head at the start of `buf` into `fields`: `Ok(None)` while it is
+/// incomplete. Every refusal closes the connection.
+pub(crate) fn head<'h, 'b>(
+    buf: &'b [u8],
+    fields: &'h mut [httparse::Header<'b>],
+) -> Result<Option<Head<'h, 'b>>, Refusal> {
+    let mut req = httparse::Request::new(fields);
     let len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
@@ -208,12 +258,8 @@ pub fn parse_request(buf: &[u8], max_body: u64) -> Result<Option<Request>, Refus
             ));
         }
     };
-    let (method, path, version) = (
-        req.method.unwrap_or_default(),
-        req.path.unwrap_or_default(),
-        req.version.unwrap_or_default(),
-    );
-    let headers = &*req.headers;
+    let version = req.version.unwrap_or_default();
+    let headers: &'h [httparse::Header<'b>] = req.headers;
     let framing = match framing(headers) {
         Ok(Some(Framing::ToEnd)) => {
             return Err(refuse(
@@ -237,6 +283,32 @@ pub fn parse_request(buf: &[u8], max_body: u64) -> Result<Option<Request>, Refus
         tokens.iter().any(|t| t == "keep-alive")
     } else {
         !tokens.iter().any(|t| t == "close")
+    };
+    Ok(Some(Head {
+        method: req.method.unwrap_or_default(),
+        target: req.path.unwrap_or_default(),
+        headers,
+        framing,
+        tokens,
+        keep_alive,
+        len,
+    }))
+}
+
+/// Parses an ingress request head at the start of `buf`: `Ok(None)` while it is incomplete.
+pub fn parse_request(buf: &[u8], max_body: u64) -> Result<Option<Request>, Refusal> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let Some(Head {
+        method,
+        target: path,
+        headers,
+        framing,
+        tokens,
+        keep_alive,
+        len,
+    }) = head(buf, &mut fields)?
+    else {
+        return Ok(None);
     };
     let unread = framing != Framing::None;
     if let Framing::Length(n) = framing
@@ -281,7 +353,7 @@ pub fn parse_request(buf: &[u8], max_body: u64) -> Result<Option<Request>, Refus
 }
 
 /// Parses an answer head at the start of `buf` to `req`: `Ok(None)` while it is incomplete.
-pub fn parse_answer(buf: &[u8], req: &Request) -> Result<Option<Answer>, String> {
+pub fn parse_answer(buf: &[u8], req: &Asked) -> Result<Option<Answer>, String> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut res = httparse::Response::new(&mut fields);
     let len = match res.parse(buf) {
@@ -343,11 +415,12 @@ pub fn refusal(r: &Refusal) -> Vec<u8> {
 }
 
 /// Carries a body of `framing` from `from` (with `buf` holding what was already read) to `to`.
-/// A chunked body larger than `max` fails. `pipe` is made when a body is large enough to splice.
+/// A chunked body larger than `max` fails. Between two sockets large bodies are spliced through
+/// `pipe` (made when first needed); anything else is copied through `buf`.
 pub async fn carry(
-    from: &Socket,
+    from: &mut impl Source,
     buf: &mut Buf,
-    to: &Socket,
+    to: &mut impl Sink,
     framing: Framing,
     max: u64,
     pipe: &mut Option<Pipe>,
@@ -358,11 +431,26 @@ pub async fn carry(
         Framing::Length(n) => exact(from, buf, to, n, pipe, idle).await,
         Framing::Chunked => chunked(from, buf, to, max, idle).await,
         Framing::ToEnd => {
-            if !buf.is_empty() {
-                to.write_all(buf.bytes()).await?;
-                buf.consume(buf.bytes().len());
+            if let (Some(f), Some(t)) = (from.socket(), to.socket()) {
+                if !buf.is_empty() {
+                    t.write_all(buf.bytes()).await?;
+                    buf.consume(buf.bytes().len());
+                }
+                return spliced(pipe)?.to_end(f, t, idle).await.map(drop);
             }
-            spliced(pipe)?.to_end(from, to, idle).await.map(drop)
+            loop {
+                if !buf.is_empty() {
+                    to.write_all(buf.bytes()).await?;
+                    buf.consume(buf.bytes().len());
+                }
+                match tokio::time::timeout(idle, buf.fill(from)).await {
+                    Ok(Ok(0)) => break,
+                    Ok(r) => r.map(drop)?,
+                    Err(_) => return Err(idle_for(idle)),
+                }
+            }
+            to.finish().await;
+            Ok(())
         }
     }
 }
@@ -374,22 +462,23 @@ fn spliced(pipe: &mut Option<Pipe>) -> io::Result<&Pipe> {
     Ok(pipe.as_ref().expect("just made"))
 }
 
+fn idle_for(idle: Duration) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, format!("idle for {idle:?}"))
+}
+
 /// Reads more into `buf` within `idle`; the end of the stream is an error here.
-async fn more(from: &Socket, buf: &mut Buf, idle: Duration) -> io::Result<()> {
+async fn more(from: &mut impl Source, buf: &mut Buf, idle: Duration) -> io::Result<()> {
     match tokio::time::timeout(idle, buf.fill(from)).await {
         Ok(Ok(0)) => Err(io::ErrorKind::UnexpectedEof.into()),
         Ok(r) => r.map(drop),
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("idle for {idle:?}"),
-        )),
+        Err(_) => Err(idle_for(idle)),
     }
 }
 
 async fn exact(
-    from: &Socket,
+    from: &mut impl Source,
     buf: &mut Buf,
-    to: &Socket,
+    to: &mut impl Sink,
     mut n: u64,
     pipe: &mut Option<Pipe>,
     idle: Duration,
@@ -404,8 +493,10 @@ async fn exact(
         if n == 0 {
             return Ok(());
         }
-        if n >= SPLICE_FROM {
-            return spliced(pipe)?.exact(from, to, n, idle).await;
+        if n >= SPLICE_FROM
+            && let (Some(f), Some(t)) = (from.socket(), to.socket())
+        {
+            return spliced(pipe)?.exact(f, t, n, idle).await;
         }
         more(from, buf, idle).await?;
     }
@@ -413,7 +504,7 @@ async fn exact(
 
 /// One CRLF-terminated line at the start of `buf` (read until it is there), its length with
 /// the CRLF.
-async fn line(from: &Socket, buf: &mut Buf, idle: Duration) -> io::Result<usize> {
+async fn line(from: &mut impl Source, buf: &mut Buf, idle: Duration) -> io::Result<usize> {
     loop {
         if let Some(i) = buf.bytes().windows(2).position(|w| w == b"\r\n") {
             return Ok(i + 2);
@@ -438,9 +529,9 @@ pub fn chunk_size(line: &[u8]) -> Option<u64> {
 }
 
 async fn chunked(
-    from: &Socket,
+    from: &mut impl Source,
     buf: &mut Buf,
-    to: &Socket,
+    to: &mut impl Sink,
     max: u64,
     idle: Duration,
 ) -> io::Result<()> {
@@ -571,7 +662,8 @@ mod tests {
     fn answers_say_how_their_body_ends() {
         let get = req("GET /vms/a/proxy HTTP/1.1\r\n\r\n").unwrap().unwrap();
         let head = req("HEAD /vms/a/proxy HTTP/1.1\r\n\r\n").unwrap().unwrap();
-        let a = |text: &str, r: &Request| parse_answer(text.as_bytes(), r).unwrap().unwrap();
+        let a =
+            |text: &str, r: &Request| parse_answer(text.as_bytes(), &r.asked()).unwrap().unwrap();
         let x = a(
             "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nKeep-Alive: timeout=5\r\n\r\n",
             &get,
@@ -599,11 +691,11 @@ mod tests {
             &get,
         );
         assert_eq!(x.framing, Framing::Chunked);
-        assert!(parse_answer(b"HTTP/1.1 101 Switching\r\n\r\n", &get).is_err());
+        assert!(parse_answer(b"HTTP/1.1 101 Switching\r\n\r\n", &get.asked()).is_err());
         assert!(
             parse_answer(
                 b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
-                &get
+                &get.asked()
             )
             .is_err()
         );

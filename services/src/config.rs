@@ -159,6 +159,14 @@ pub struct GatewayConfig {
     pub requests_per_second: Option<u32>,
     /// See `requests_per_second`.
     pub burst: Option<u32>,
+    /// Serve without API keys on an address other hosts (and the VMs on the bridge) can reach;
+    /// refused at start unless written here, and warned of at every start.
+    pub allow_unauthenticated: bool,
+    /// Connections held from one client address; past it a connection is closed at once
+    /// [default: 256].
+    pub max_connections_per_client: Option<u32>,
+    /// Connections held in all [default: 8192, or half the open-file limit if lower].
+    pub max_connections: Option<u32>,
 }
 
 /// A certificate chain and its key, PEM files.
@@ -195,8 +203,13 @@ pub struct ProxydConfig {
     pub burst: Option<u32>,
     /// Bytes per second through egress, per VM [default: 12.5 MB/s].
     pub bytes_per_second: Option<u64>,
-    /// Concurrent egress tunnels per VM [default: 64].
-    pub max_tunnels: Option<u32>,
+    /// Concurrent upstream connections per VM, tunnels and forwarded requests alike; taken
+    /// before dialling [default: 64]. `max_tunnels` is its former name.
+    #[serde(alias = "max_tunnels")]
+    pub max_upstreams: Option<u32>,
+    /// Concurrent connections from one VM to its egress proxy; past it a connection is
+    /// answered 429 and closed [default: 256].
+    pub max_connections: Option<u32>,
     /// Seconds an egress connection may sit idle [default: 60].
     pub idle_timeout_secs: Option<u64>,
     /// Seconds an egress connection may live [default: 3600].

@@ -94,6 +94,8 @@ impl Daemon {
                 .with_context(|| format!("creating directory {}", dir.display()))?;
         }
         let tls = config.tls.as_ref().map(MutualTls::load).transpose()?;
+        let files = raise_file_limit();
+        tracing::debug!(files, "open files allowed");
         Ok(Daemon {
             name,
             config,
@@ -231,6 +233,31 @@ pub enum Listener {
     Unix(UnixListener),
     /// A TCP socket.
     Tcp(TcpListener),
+}
+
+/// Raises the soft limit of open files to the hard one (a daemon holds a descriptor per
+/// connection, and the usual soft limit is 1024); returns the limit now in force.
+pub fn raise_file_limit() -> u64 {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the struct given, nothing else.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
+            return 1024;
+        }
+        if l.rlim_cur < l.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: l.rlim_max,
+                rlim_max: l.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                l = raised;
+            }
+        }
+    }
+    l.rlim_cur
 }
 
 /// A byte stream of any kind (Unix, TCP, TLS), for code that accepts or dials several.

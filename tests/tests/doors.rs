@@ -126,3 +126,141 @@ async fn tls_keys_and_a_rate_limit() {
         "the API key was logged"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_open_door_without_keys_unless_written() {
+    let (host, up) = host_and_upstream();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().display().to_string();
+    std::fs::write(dir.path().join("volant.yaml"), "").unwrap();
+    // Addresses other hosts (and the VMs on a bridge) reach: refused before anything is bound
+    // (inside the test's namespace all the same).
+    for listen in [
+        "tcp://0.0.0.0:8097",
+        "tcp://[::]:8097",
+        "tcp://10.99.0.1:8097",
+    ] {
+        let (ok, out) = host.try_sh(&format!(
+            "timeout 10 {} --config {root}/volant.yaml --state-dir {root}/gw --run-dir {root}/run \
+             --listen {listen} 2>&1",
+            bin("gateway").display()
+        ));
+        assert!(!ok, "{listen}: {out}");
+        assert!(
+            out.contains("no API key is set") && out.contains("allow_unauthenticated"),
+            "{listen}: {out}"
+        );
+    }
+
+    // Written in as many words: it starts, and says so at every start.
+    let cp = ControlPlane::start_with_config(
+        host,
+        up,
+        &[],
+        "",
+        "gateway:\n  allow_unauthenticated: true\n",
+    )
+    .await;
+    let cfg = cp.root.path().join("volant.yaml");
+    let mut gateway = volant_tests::Daemon::start_with(
+        Some(&cp.host),
+        "gateway",
+        cp.root.path(),
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--listen",
+            "tcp://0.0.0.0:8097",
+        ],
+        &[],
+    )
+    .await;
+    for _ in 0..2 {
+        let log = gateway.log_text();
+        assert!(
+            log.contains("WARN") && log.contains("WITHOUT API keys"),
+            "{log}"
+        );
+        gateway.terminate();
+        gateway.restart().await;
+    }
+    assert_eq!(gateway.log_text().matches("WITHOUT API keys").count(), 3);
+}
+
+/// `volant-flood` processes in `ns` holding `n` connections in all from 127.0.0.2 to the
+/// gateway, each with half a request head; returns them and how many connected.
+fn flood(ns: &volant_tests::Netns, n: usize) -> (Vec<std::process::Child>, usize) {
+    let mut floods = Vec::new();
+    for _ in 0..n.div_ceil(10_000) {
+        floods.push(
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &ns.name])
+                .arg(bin("volant-flood"))
+                .args(["127.0.0.2", "127.0.0.1:8080", &n.min(10_000).to_string()])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    let mut connected = 0;
+    for f in &mut floods {
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(f.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        connected += line.trim().parse::<usize>().unwrap();
+    }
+    (floods, connected)
+}
+
+/// `GET /api/v1/health` `n` times from 127.0.0.1 inside `ns`; the latencies, sorted.
+fn health_latencies(ns: &volant_tests::Netns, n: usize) -> Vec<Duration> {
+    ns.enter(move || {
+        use std::io::{Read, Write};
+        let mut took = Vec::new();
+        for _ in 0..n {
+            let started = std::time::Instant::now();
+            let mut s = std::net::TcpStream::connect("127.0.0.1:8080").unwrap();
+            s.write_all(b"GET /api/v1/health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                .unwrap();
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).unwrap();
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+            took.push(started.elapsed());
+        }
+        took.sort();
+        took
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_holding_twenty_thousand_connections_leaves_health_fast() {
+    let (host, up) = host_and_upstream();
+    let cp = ControlPlane::start_with_config(host, up, &[], "", "").await;
+    let gateway = cp.gateway(&[]).await;
+    let pid = gateway.pid();
+    let (floods, connected) = flood(&cp.host, 20_000);
+    assert!(connected > 10_000, "only {connected} connections");
+    let took = health_latencies(&cp.host, 200);
+    let p99 = took[took.len() * 99 / 100];
+    assert!(p99 <= Duration::from_millis(50), "p99 {p99:?}");
+    let files = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    assert!(files < 1000, "the gateway holds {files} descriptors");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(rss_kib < 64 << 10, "RSS {rss_kib} KiB");
+    for mut f in floods {
+        let _ = f.kill();
+        let _ = f.wait();
+    }
+    assert!(!gateway.log_text().contains("Too many open files"));
+}

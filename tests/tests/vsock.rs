@@ -26,6 +26,8 @@ use volant_tests::{ControlPlane, Pki, guest_dir, host_and_upstream, in_netns, re
 
 const UPSTREAM: &str = "203.0.113.10";
 const GATEWAY: &str = "127.0.0.1:8080";
+/// The gateway's API key: every request through it carries it, and no workload may see it.
+const KEY: &str = "operator-key-for-vsock";
 
 /// A vsock plugin over the echo image.
 fn manifest(name: &str, allow_outbound: bool) -> String {
@@ -132,18 +134,21 @@ fn empty() -> http_body_util::combinators::BoxBody<Bytes, std::io::Error> {
     Empty::new().map_err(|e| match e {}).boxed()
 }
 
-/// GET through the gateway: status and body.
+/// GET through the gateway with the API key: status and body.
 async fn get(ns: &str, path: &str) -> (u16, String) {
+    get_with(ns, path, &[]).await
+}
+
+/// GET through the gateway with the API key and `extra` fields: status and body.
+async fn get_with(ns: &str, path: &str, extra: &[(&str, &str)]) -> (u16, String) {
     let mut c = gateway_conn(ns).await;
-    let res = c
-        .send_request(
-            hyper::Request::get(path)
-                .header("host", "gw")
-                .body(empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let mut req = hyper::Request::get(path)
+        .header("host", "gw")
+        .header("authorization", format!("Bearer {KEY}"));
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
+    let res = c.send_request(req.body(empty()).unwrap()).await.unwrap();
     let status = res.status().as_u16();
     let body = res.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8_lossy(&body).to_string())
@@ -163,6 +168,7 @@ async fn upgrade(
     let mut c = gateway_conn(ns).await;
     let mut req = hyper::Request::get(format!("/api/v1/vms/{vm}/proxy{path}"))
         .header("host", "gw")
+        .header("authorization", format!("Bearer {KEY}"))
         .header("connection", "upgrade")
         .header("upgrade", protocol);
     for (k, v) in extra {
@@ -311,10 +317,13 @@ async fn vsock_vms_reach_and_are_reached_only_through_the_proxies() {
     let (ca_pem, ca_der) = https_upstream(&up.name);
     let ca_file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(ca_file.path(), &ca_pem).unwrap();
+    let hash = volant_tests::sh(&format!("printf %s {KEY} | sha256sum"));
     let proxyd_config = format!(
         "proxyd:\n  extra_ca: {}\n  resolver:\n    static:\n      api.example.test: {UPSTREAM}\n      \
-         internal.example.test: 10.99.0.2\n      other.example.test: {UPSTREAM}\n",
-        ca_file.path().display()
+         internal.example.test: 10.99.0.2\n      other.example.test: {UPSTREAM}\n\
+         gateway:\n  api_key_hashes: [{}]\n",
+        ca_file.path().display(),
+        hash.split_whitespace().next().unwrap()
     );
     let cp = ControlPlane::start_with_config(host, up, &[], "", &proxyd_config).await;
     let _gateway = cp.gateway(&[]).await;
@@ -328,8 +337,8 @@ async fn vsock_vms_reach_and_are_reached_only_through_the_proxies() {
         .unwrap();
     }
     cp.install_hello().await;
-    let (mut v1, mut v2, mut v3) = (vmm.clone(), vmm.clone(), vmm.clone());
-    let (a, b, c) = tokio::join!(
+    let (mut v1, mut v2, mut v3, mut v4) = (vmm.clone(), vmm.clone(), vmm.clone(), vmm.clone());
+    let (a, b, c, d) = tokio::join!(
         v1.create_vm(CreateVmRequest {
             name: "sec".into(),
             plugin: "secure".into(),
@@ -347,7 +356,15 @@ async fn vsock_vms_reach_and_are_reached_only_through_the_proxies() {
             network: "vsock".into(),
             ..Default::default()
         }),
+        // The echo workload on the bridge, for what the proxy route passes in both modes.
+        v4.create_vm(CreateVmRequest {
+            name: "br".into(),
+            plugin: "secure".into(),
+            network: "bridge".into(),
+            ..Default::default()
+        }),
     );
+    assert_eq!(d.unwrap().into_inner().vm.unwrap().network_mode, "bridge");
     let plain = c.unwrap().into_inner().vm.unwrap();
     assert_eq!(plain.network_mode, "vsock");
     let (sec, shut) = (
@@ -376,14 +393,42 @@ async fn vsock_vms_reach_and_are_reached_only_through_the_proxies() {
         sec.vsock_socket
     );
     let limit = Duration::from_secs(90);
-    let (r1, r2, r3) = tokio::join!(
+    let (r1, r2, r3, r4) = tokio::join!(
         ready(vmm.clone(), "sec".into(), 1, limit),
         ready(vmm.clone(), "shut".into(), 1, limit),
-        ready(vmm.clone(), "plain".into(), 1, limit)
+        ready(vmm.clone(), "plain".into(), 1, limit),
+        ready(vmm.clone(), "br".into(), 1, limit)
     );
     r1.unwrap();
     r2.unwrap();
     r3.unwrap();
+    r4.unwrap();
+
+    // The operator's key and the gateway origin's cookies reach no workload, in either mode;
+    // what the client addressed to the workload does.
+    for vm in ["sec", "br"] {
+        let (code, seen) = get_with(
+            &cp.host.name,
+            &format!("/api/v1/vms/{vm}/proxy/headers"),
+            &[
+                ("cookie", "session=operator"),
+                ("x-volant-workload-authorization", "Bearer for-the-workload"),
+                ("x-volant-workload-cookie", "app=1"),
+            ],
+        )
+        .await;
+        assert_eq!(code, 200, "{vm}: {seen}");
+        assert!(
+            !seen.contains(KEY) && !seen.contains("session="),
+            "{vm}: {seen}"
+        );
+        assert!(
+            seen.contains("authorization: Bearer for-the-workload\n"),
+            "{vm}: {seen}"
+        );
+        assert!(seen.contains("cookie: app=1\n"), "{vm}: {seen}");
+        assert!(!seen.contains("x-volant-workload"), "{vm}: {seen}");
+    }
     let (code, page) = get(&cp.host.name, "/api/v1/vms/plain/proxy/").await;
     assert_eq!(code, 200, "{page}");
     assert!(page.contains("Hello from Volant"), "{page}");
@@ -423,6 +468,7 @@ async fn vsock_vms_reach_and_are_reached_only_through_the_proxies() {
         .send_request(
             hyper::Request::post("/api/v1/vms/sec/proxy/sha1")
                 .header("host", "gw")
+                .header("authorization", format!("Bearer {KEY}"))
                 .header("content-length", (160 * 64 * 1024).to_string())
                 .body(body)
                 .unwrap(),
@@ -552,7 +598,7 @@ async fn vsock_vms_reach_and_are_reached_only_through_the_proxies() {
     }
 
     // Delete: no route, no backend, no socket left; the context ids are free again.
-    for name in ["sec", "shut", "plain"] {
+    for name in ["sec", "shut", "plain", "br"] {
         vmm.delete_vm(DeleteVmRequest {
             name: name.into(),
             force: false,

@@ -141,6 +141,9 @@ pub struct Proxy {
     /// Exact names and `*.suffix` patterns the workload may reach.
     #[serde(default)]
     pub allowed_domains: Vec<String>,
+    /// The ports it may reach there [default: 80 and 443].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_ports: Vec<u16>,
     /// Egress rate limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
@@ -296,6 +299,11 @@ impl Manifest {
             if p.port == 0 {
                 return Err("networking.proxy.port: 0 is not a port".into());
             }
+            if let Some(i) = p.allowed_ports.iter().position(|p| *p == 0) {
+                return Err(format!(
+                    "networking.proxy.allowed_ports[{i}]: 0 is not a port (1–65535)"
+                ));
+            }
             for (i, d) in p.allowed_domains.iter().enumerate() {
                 let ip = d.parse::<std::net::IpAddr>().is_ok();
                 if !ip && !domain(d) {
@@ -444,6 +452,20 @@ mod tests {
             (
                 set(&["networking", "proxy", "rate_limit", "burst"], 0.into()),
                 "rate_limit",
+            ),
+            (
+                set(
+                    &["networking", "proxy", "allowed_ports"],
+                    serde_json::json!([443, 0]),
+                ),
+                "allowed_ports[1]: 0 is not a port",
+            ),
+            (
+                set(
+                    &["networking", "proxy", "allowed_ports"],
+                    serde_json::json!([443, 70000]),
+                ),
+                "networking.proxy.allowed_ports[1]: invalid value: integer `70000`",
             ),
             (
                 set(&["networking", "proxy", "colour"], "red".into()),

@@ -644,6 +644,10 @@ impl Vmm {
             ingress_port: p.as_ref().map_or(8080, |p| p.port.into()),
             egress: Some(proxy::EgressPolicy {
                 allow_outbound: p.as_ref().is_some_and(|p| p.allow_outbound),
+                allowed_ports: p
+                    .as_ref()
+                    .map(|p| p.allowed_ports.iter().map(|&port| port.into()).collect())
+                    .unwrap_or_default(),
                 allowed_domains: p.map(|p| p.allowed_domains).unwrap_or_default(),
                 requests_per_second: rate.as_ref().map_or(0, |r| r.requests_per_second),
                 burst: rate.as_ref().map_or(0, |r| r.burst),

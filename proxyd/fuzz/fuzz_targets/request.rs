@@ -1,11 +1,9 @@
-//! Any request line and any head: the egress target of a proxy request, the ingress path split
-//! and the ingress head parsers never panic; whatever target comes out has a non-empty host and
-//! a non-zero port; a forwarded head parses back as exactly one request and never carries proxy
+//! Any request line and any head: the ingress path split and the ingress head parsers never
+//! panic; a forwarded head parses back as exactly one request and never carries proxy
 //! credentials or a bare `Connection`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use proxyd::egress::target_of;
 use proxyd::wire::{parse_answer, parse_request, split_path};
 
 fuzz_target!(|data: &[u8]| {
@@ -21,18 +19,12 @@ fuzz_target!(|data: &[u8]| {
         assert!(!lower.contains("\r\nproxy-authorization:"));
         assert!(req.upgrade || !lower.contains("\r\nconnection:"));
         assert!(req.len <= data.len());
-        let _ = parse_answer(data, &req);
+        let _ = parse_answer(data, &req.asked());
     }
     let text = String::from_utf8_lossy(data);
-    let (method, target) = text.split_once(' ').unwrap_or(("GET", &text));
+    let (_, target) = text.split_once(' ').unwrap_or(("GET", &text));
     if let Some((vm, path)) = split_path(target) {
         assert!(!vm.contains('/'));
         assert!(path.starts_with('/'));
-    }
-    let Ok(method) = http::Method::from_bytes(method.as_bytes()) else { return };
-    let Ok(uri) = target.parse::<http::Uri>() else { return };
-    if let Ok((host, port)) = target_of(&method, &uri) {
-        assert!(!host.is_empty());
-        assert_ne!(port, 0);
     }
 });

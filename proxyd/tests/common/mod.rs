@@ -286,13 +286,17 @@ pub const FILL: u8 = 0x5a;
 
 /// An HTTPS server on `addr`:443. Each client asks with 16 bytes, a count and a pause in
 /// milliseconds (big-endian u64 each), and gets that many bytes in 64 KiB chunks, the pause
-/// between two chunks, then the end of the stream.
-pub async fn https_server(addr: &str, config: Arc<rustls::ServerConfig>) {
+/// between two chunks, then the end of the stream. Returns the count of TCP connections it
+/// accepted.
+pub async fn https_server(addr: &str, config: Arc<rustls::ServerConfig>) -> Arc<AtomicUsize> {
     let listener = tokio::net::TcpListener::bind((addr, 443)).await.unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
     tokio::spawn(async move {
         loop {
             let (tcp, _) = listener.accept().await.unwrap();
+            seen.fetch_add(1, Ordering::SeqCst);
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 let Ok(mut tls) = acceptor.accept(tcp).await else {
@@ -320,6 +324,52 @@ pub async fn https_server(addr: &str, config: Arc<rustls::ServerConfig>) {
             });
         }
     });
+    count
+}
+
+/// A plain HTTP/1.1 origin on `addr:port`; returns the count of TCP connections it accepted.
+/// `GET /bytes/N` answers N bytes of [`FILL`]; `/hang` is read and never answered; anything
+/// else is read whole and answered `<method> <path> <body bytes> host=<Host>`.
+pub async fn http_origin(addr: &str, port: u16) -> Arc<AtomicUsize> {
+    let listener = tokio::net::TcpListener::bind((addr, port)).await.unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            seen.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        use http_body_util::BodyExt as _;
+                        let path = req.uri().path().to_string();
+                        if path == "/hang" {
+                            std::future::pending::<()>().await;
+                        }
+                        let body = if let Some(n) = path.strip_prefix("/bytes/") {
+                            vec![FILL; n.parse().unwrap()]
+                        } else {
+                            let method = req.method().to_string();
+                            let host = req
+                                .headers()
+                                .get("host")
+                                .map(|h| h.to_str().unwrap().to_string())
+                                .unwrap_or_default();
+                            let got = req.into_body().collect().await?.to_bytes().len();
+                            format!("{method} {path} {got} host={host}").into_bytes()
+                        };
+                        Ok::<_, hyper::Error>(hyper::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from(body),
+                        )))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    count
 }
 
 /// A stream that sends a CONNECT with its first write (one write) and skips the proxy's answer,

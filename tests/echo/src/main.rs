@@ -2,6 +2,7 @@
 //! port given as its argument (default 3000), with HTTP/1.1 keep-alive:
 //!
 //! - `GET /`: `echo from <host name>`;
+//! - `GET /headers`: the request's header fields, one `name: value` line each, as received;
 //! - `POST /sha1`: reads the body as it streams in and answers `<bytes> <sha1 hex>`;
 //! - `GET /ws` with a WebSocket upgrade: echoes every message back;
 //! - `GET /tunnel` with `Upgrade: tunnel`: answers 101 and splices the connection to the proxy
@@ -81,6 +82,14 @@ fn serve(stream: TcpStream) -> std::io::Result<()> {
             ("GET", "/") => {
                 let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
                 respond(&mut w, "200 OK", &format!("echo from {}\n", host.trim()))?;
+            }
+            ("GET", "/headers") => {
+                let lines: String = head
+                    .headers
+                    .iter()
+                    .map(|(n, v)| format!("{}: {v}\n", n.to_ascii_lowercase()))
+                    .collect();
+                respond(&mut w, "200 OK", &lines)?;
             }
             ("POST", "/sha1") => {
                 let mut digest = sha1_smol::Sha1::new();
