@@ -22,6 +22,10 @@ pub trait Source: Send {
     fn socket(&self) -> Option<&Socket> {
         None
     }
+    /// Waits until a read would find bytes (or the end), where the source can tell.
+    fn ready(&mut self) -> impl Future<Output = io::Result<()>> + Send {
+        async { Ok(()) }
+    }
 }
 
 /// Where a body is written to.
@@ -39,6 +43,10 @@ pub trait Sink: Send {
 impl Source for &Socket {
     async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         Socket::read(self, buf).await
+    }
+
+    async fn ready(&mut self) -> io::Result<()> {
+        self.0.readable().await.map(drop)
     }
 
     fn socket(&self) -> Option<&Socket> {
@@ -240,8 +248,8 @@ async fn within<T>(idle: Duration, fut: impl Future<Output = io::Result<T>>) -> 
 }
 
 /// Bytes read from a socket and not yet used: a head being parsed, and what came after it.
-/// It starts at one read's size and grows only for a head that does not fit, so a connection
-/// costs little memory and no page faults until it needs more.
+/// It is allocated when the first bytes arrive, at one read's size, and grows only for a head
+/// that does not fit, so an idle connection costs no buffer and a busy one little memory.
 pub struct Buf {
     data: Vec<u8>,
     cap: usize,
@@ -287,6 +295,10 @@ impl Buf {
     /// Reads more from `s`, at most [`READ_SIZE`] bytes so that a body following a head is
     /// mostly left for splicing; returns how many bytes came (0 at the end of the stream).
     pub async fn fill(&mut self, s: &mut impl Source) -> io::Result<usize> {
+        if self.data.is_empty() {
+            // An idle connection holds no buffer until its peer sends something.
+            s.ready().await?;
+        }
         if self.data.len() - self.end < READ_SIZE {
             self.data.copy_within(self.start..self.end, 0);
             self.end -= self.start;

@@ -236,13 +236,11 @@ impl Egress {
                     return;
                 }
             };
+            // Boxed: an idle connection's task stays small.
             if ask.kind == Kind::Connect {
-                return self.tunnel(guest, buf, vm, target, policy_rx).await;
+                return Box::pin(self.tunnel(guest, buf, vm, target, policy_rx)).await;
             }
-            if !self
-                .forward(&guest, &mut buf, vm, &ask, &target, &mut policy_rx)
-                .await
-            {
+            if !Box::pin(self.forward(&guest, &mut buf, vm, &ask, &target, &mut policy_rx)).await {
                 return;
             }
         }
