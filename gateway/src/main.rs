@@ -3,6 +3,7 @@
 mod doors;
 mod error;
 mod ingress;
+mod known;
 mod model;
 mod networks;
 mod peers;
@@ -68,7 +69,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .map(|(name, ch)| (*name, HealthClient::new(ch.clone())))
             .collect(),
         ingress: Arc::new(ingress::Ingress::new(ingress)),
+        known: Arc::default(),
     };
+    let (known, vmm) = (peers.known.clone(), peers.vmm.clone());
+    tokio::spawn(async move { known.follow(vmm).await });
     let g = &daemon.config.gateway;
     let doors = doors::Doors::new(
         &g.api_key_hashes,

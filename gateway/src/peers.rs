@@ -30,6 +30,8 @@ pub struct Peers {
     pub health: Vec<(&'static str, HealthClient<Channel>)>,
     /// proxyd's ingress HTTP listener.
     pub ingress: std::sync::Arc<crate::ingress::Ingress>,
+    /// The VMs the proxy route has asked about.
+    pub known: std::sync::Arc<crate::known::Known>,
 }
 
 tokio::task_local! {

@@ -21,7 +21,7 @@ use volant_services::hop;
 
 use crate::error::{ApiError, By, ErrorBody, Path};
 use crate::ingress::Ingress;
-use crate::peers::{LIFECYCLE, Peers, READ, req};
+use crate::peers::{LIFECYCLE, Peers, READ};
 
 /// How long an upgraded connection may live.
 const UPGRADED_LIMIT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
@@ -198,15 +198,7 @@ pub async fn proxy_root(
 }
 
 async fn forward(p: Peers, name: String, mut req: Request) -> Result<Response, ApiError> {
-    let vm = p
-        .vmm
-        .clone()
-        .get_vm(req_of(&name))
-        .await
-        .by("vmmd")?
-        .into_inner()
-        .vm
-        .ok_or_else(|| ApiError::from(tonic::Status::internal("vmmd answered without a VM")))?;
+    let vm = p.known.get(&p.vmm, &name).await.by("vmmd")?;
     if vm.status != vmm::VmStatus::Running as i32 {
         return Err(ApiError::from(tonic::Status::failed_precondition(format!(
             "vm {name:?} is not running; start it first"
@@ -255,15 +247,6 @@ async fn forward(p: Peers, name: String, mut req: Request) -> Result<Response, A
         .map_err(|e| bad_gateway(&name, e))?;
     tokio::spawn(conn.with_upgrades());
     exchange(sender, req, &name, None).await?.answer(&name)
-}
-
-fn req_of(name: &str) -> tonic::Request<vmm::GetVmRequest> {
-    req(
-        vmm::GetVmRequest {
-            name: name.to_string(),
-        },
-        READ,
-    )
 }
 
 #[cfg(test)]

@@ -110,14 +110,12 @@ pub async fn delete(
     Query(q): Query<Force>,
 ) -> Result<StatusCode, ApiError> {
     let r = vmm::DeleteVmRequest {
-        name,
+        name: name.clone(),
         force: q.force,
     };
-    p.vmm
-        .clone()
-        .delete_vm(req(r, LIFECYCLE))
-        .await
-        .by("vmmd")?;
+    let deleted = p.vmm.clone().delete_vm(req(r, LIFECYCLE)).await;
+    p.known.forget(&name);
+    deleted.by("vmmd")?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -129,9 +127,10 @@ pub async fn start(State(p): State<Peers>, Path(name): Path<String>) -> Result<J
     let vm = p
         .vmm
         .clone()
-        .start_vm(req(vmm::StartVmRequest { name }, LIFECYCLE))
-        .await
-        .by("vmmd")?;
+        .start_vm(req(vmm::StartVmRequest { name: name.clone() }, LIFECYCLE))
+        .await;
+    p.known.forget(&name);
+    let vm = vm.by("vmmd")?;
     vm_of(vm.into_inner().vm)
 }
 
@@ -143,9 +142,10 @@ pub async fn stop(State(p): State<Peers>, Path(name): Path<String>) -> Result<Js
     let vm = p
         .vmm
         .clone()
-        .stop_vm(req(vmm::StopVmRequest { name }, LIFECYCLE))
-        .await
-        .by("vmmd")?;
+        .stop_vm(req(vmm::StopVmRequest { name: name.clone() }, LIFECYCLE))
+        .await;
+    p.known.forget(&name);
+    let vm = vm.by("vmmd")?;
     vm_of(vm.into_inner().vm)
 }
 
@@ -160,9 +160,10 @@ pub async fn restart(
     let vm = p
         .vmm
         .clone()
-        .restart_vm(req(vmm::RestartVmRequest { name }, LIFECYCLE))
-        .await
-        .by("vmmd")?;
+        .restart_vm(req(vmm::RestartVmRequest { name: name.clone() }, LIFECYCLE))
+        .await;
+    p.known.forget(&name);
+    let vm = vm.by("vmmd")?;
     vm_of(vm.into_inner().vm)
 }
 

@@ -225,7 +225,7 @@ impl Ingress {
 
     /// Forwards `req` and its answer; returns whether the client connection goes on.
     async fn exchange(&self, conn: Conn<'_>, req: Request) -> bool {
-        let Some((vm, route)) = self.routes.route(&req.vm) else {
+        let Some((vm, policy)) = self.routes.route(&req.vm) else {
             conn.pool.forget(&req.vm);
             let refusal = Refusal {
                 status: StatusCode::NOT_FOUND,
@@ -240,6 +240,7 @@ impl Ingress {
             return sent.is_ok() && !refusal.close;
         };
         vm.stats.ingress_requests.fetch_add(1, Relaxed);
+        let route = &policy.route;
         let socket = Path::new(&route.socket);
         let down = conn.down;
         match self.forward(conn, &req, socket, route.ingress_port).await {

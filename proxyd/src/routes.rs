@@ -265,9 +265,10 @@ impl Routes {
             .as_ref()
             .is_some_and(|(socket, _)| *socket == route.egress_socket);
         if !bound {
-            vm.stop_listening();
+            // The new socket first: a VM whose new one cannot be bound keeps its old one.
             let listener = volant_services::daemon::bind_unix(&PathBuf::from(&route.egress_socket))
                 .map_err(|e| Status::internal(format!("{e:#}")))?;
+            vm.stop_listening();
             let task = tokio::spawn(self.egress.clone().serve(listener, Arc::downgrade(&vm)));
             *vm.listener.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some((route.egress_socket.clone(), task.abort_handle()));
@@ -311,11 +312,11 @@ impl Routes {
             .cloned()
     }
 
-    /// A registered VM's route.
-    pub fn route(&self, vm: &str) -> Option<(Arc<Vm>, pb::Route)> {
+    /// A registered VM and its policy (its route inside).
+    pub fn route(&self, vm: &str) -> Option<(Arc<Vm>, Arc<Policy>)> {
         let vm = self.get(vm)?;
-        let route = vm.policy()?.route.clone();
-        Some((vm, route))
+        let policy = vm.policy()?;
+        Some((vm, policy))
     }
 
     /// Every registered route.

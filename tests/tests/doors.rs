@@ -245,18 +245,22 @@ async fn one_client_holding_twenty_thousand_connections_leaves_health_fast() {
     let (floods, connected) = flood(&cp.host, 20_000);
     assert!(connected > 10_000, "only {connected} connections");
     let took = health_latencies(&cp.host, 200);
-    let p99 = took[took.len() * 99 / 100];
-    assert!(p99 <= Duration::from_millis(50), "p99 {p99:?}");
+    let (p50, p99) = (took[took.len() / 2], took[took.len() * 99 / 100]);
     let files = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .count();
-    assert!(files < 1000, "the gateway holds {files} descriptors");
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let rss_kib: u64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap();
+    eprintln!(
+        "{connected} connections held by one client: health p50 {p50:?} p99 {p99:?}, the \
+         gateway holds {files} descriptors, RSS {rss_kib} KiB"
+    );
+    assert!(p99 <= Duration::from_millis(50), "p99 {p99:?}");
+    assert!(files < 1000, "the gateway holds {files} descriptors");
     assert!(rss_kib < 64 << 10, "RSS {rss_kib} KiB");
     for mut f in floods {
         let _ = f.kill();

@@ -53,6 +53,9 @@ impl Egress {
             ))),
             d = self.revoked(policy_rx, target) => {
                 closed(vm, target, &d);
+                if !answered.load(Relaxed) {
+                    answer(guest, d).await;
+                }
                 return false;
             }
         };

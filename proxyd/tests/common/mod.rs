@@ -24,12 +24,16 @@ use volant_services::api::proxy::v1::{EgressPolicy, RegisterVmRequest, Route};
 /// How the endpoint behaves.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// Handshake, then HTTP: bodies echoed, `x-seen-*` headers report what arrived; a request
-    /// with `upgrade: ticks` is switched (101), and the connection then carries `tick\n` six
-    /// times, 400 ms apart, while the server reads nothing, then ends.
+    /// Handshake, then HTTP: bodies echoed as they arrive (to `/whole`: once read whole),
+    /// `x-seen-*` headers report what arrived; a request with `upgrade: ticks` is switched
+    /// (101), and the connection then carries `tick\n` six times, 400 ms apart, while the server
+    /// reads nothing, then ends.
     Serve,
     /// Close without `OK`, as when nothing listens in the guest.
     Refuse,
+    /// HTTP as `Serve`, without the handshake: the endpoint in the form a plain HTTP proxy
+    /// (nginx) can reach.
+    Plain,
 }
 
 /// Starts the endpoint at `path`; returns the count of connections it accepted.
@@ -42,15 +46,17 @@ pub fn endpoint(path: PathBuf, mode: Mode) -> Arc<AtomicUsize> {
             let (mut s, _) = listener.accept().await.unwrap();
             seen.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
-                let mut line = Vec::new();
-                let mut b = [0u8; 1];
-                while s.read(&mut b).await.unwrap_or(0) == 1 && b[0] != b'\n' {
-                    line.push(b[0]);
+                if mode != Mode::Plain {
+                    let mut line = Vec::new();
+                    let mut b = [0u8; 1];
+                    while s.read(&mut b).await.unwrap_or(0) == 1 && b[0] != b'\n' {
+                        line.push(b[0]);
+                    }
+                    if mode == Mode::Refuse || !line.starts_with(b"CONNECT ") {
+                        return;
+                    }
+                    s.write_all(b"OK 1073741824\n").await.unwrap();
                 }
-                if mode == Mode::Refuse || !line.starts_with(b"CONNECT ") {
-                    return;
-                }
-                s.write_all(b"OK 1073741824\n").await.unwrap();
                 let svc = hyper::service::service_fn(
                     |mut req: hyper::Request<hyper::body::Incoming>| async move {
                         if req.headers().get("upgrade").is_some_and(|v| v == "ticks") {
@@ -86,6 +92,13 @@ pub fn endpoint(path: PathBuf, mode: Mode) -> Arc<AtomicUsize> {
                             );
                         if let Some(v) = req.headers().get("x-custom") {
                             res = res.header("x-seen-custom", v);
+                        }
+                        if req.uri().path() == "/whole" {
+                            use http_body_util::BodyExt as _;
+                            let body = req.into_body().collect().await?.to_bytes();
+                            let whole =
+                                http_body_util::Either::Left(http_body_util::Full::new(body));
+                            return Ok(res.body(whole).unwrap());
                         }
                         let echo = http_body_util::Either::Right(req.into_body());
                         Ok::<_, hyper::Error>(res.body(echo).unwrap())
