@@ -32,7 +32,8 @@ fn some(s: String) -> Option<String> {
 pub struct Vm {
     /// A DNS label.
     pub name: String,
-    /// `creating`, `running`, `stopped`, `failed` or `deleting`.
+    /// `creating`, `booting` (its guest not yet ready), `running`, `stopping`, `stopped`,
+    /// `failed` (`error` says why) or `deleting`.
     pub status: String,
     /// The plugin it was created from.
     pub plugin: String,
@@ -72,7 +73,9 @@ pub struct Vm {
 pub fn status(s: i32) -> String {
     match vmm::VmStatus::try_from(s).unwrap_or(vmm::VmStatus::Unspecified) {
         vmm::VmStatus::Creating => "creating",
+        vmm::VmStatus::Booting => "booting",
         vmm::VmStatus::Running => "running",
+        vmm::VmStatus::Stopping => "stopping",
         vmm::VmStatus::Stopped => "stopped",
         vmm::VmStatus::Failed => "failed",
         vmm::VmStatus::Deleting => "deleting",

@@ -200,8 +200,12 @@ pub async fn proxy_root(
 async fn forward(p: Peers, name: String, mut req: Request) -> Result<Response, ApiError> {
     let vm = p.known.get(&p.vmm, &name).await.by("vmmd")?;
     if vm.status != vmm::VmStatus::Running as i32 {
+        let why = match vmm::VmStatus::try_from(vm.status) {
+            Ok(vmm::VmStatus::Booting) => "is booting: its guest is not ready yet; retry shortly",
+            _ => "is not running; start it first",
+        };
         return Err(ApiError::from(tonic::Status::failed_precondition(format!(
-            "vm {name:?} is not running; start it first"
+            "vm {name:?} {why}"
         ))));
     }
     workload_credentials(req.headers_mut());

@@ -30,6 +30,9 @@ pub struct Follow {
     /// Keep streaming new output.
     #[serde(default)]
     pub follow: bool,
+    /// The previous boot's console instead of this boot's.
+    #[serde(default)]
+    pub previous: bool,
 }
 
 /// `?protocol=`.
@@ -167,7 +170,8 @@ pub async fn restart(
     vm_of(vm.into_inner().vm)
 }
 
-/// The VM's serial console; with `follow=true`, streamed as it grows.
+/// The VM's serial console of this boot (`previous=true`: of the boot before); with
+/// `follow=true`, streamed as it grows.
 #[utoipa::path(get, path = "/api/v1/vms/{name}/logs", tag = "vms",
     params(("name" = String, Path, description = "VM name"), Follow),
     responses((status = 400, body = ErrorBody), (status = 503, body = ErrorBody), (status = 200, content_type = "text/plain", body = String), (status = 404, body = ErrorBody)))]
@@ -179,6 +183,7 @@ pub async fn logs(
     let r = vmm::StreamLogsRequest {
         name,
         follow: q.follow,
+        previous: q.previous,
     };
     let stream = open_stream(p.vmm.clone().stream_logs(r)).await.by("vmmd")?;
     let body = futures_util::StreamExt::map(stream, |chunk| {

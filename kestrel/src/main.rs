@@ -1,8 +1,10 @@
 //! kestrel: PID 1 of a Volant guest. It mounts the basics, loads the kernel modules the image
 //! lists, configures the network from the kernel command line, runs the workload, reaps
-//! zombies, passes signals on, and powers the machine off when the workload exits. Everything
-//! it does is reported on the console as `kestrel: …` lines.
+//! zombies, passes signals on, and powers the machine off when the workload exits or the power
+//! button is pressed. Everything it does is reported on the console as `kestrel: …` lines; its
+//! last, `kestrel: powering off`, is how the host tells a clean power-off from a crash.
 
+mod button;
 mod cmdline;
 mod net;
 mod supervisor;
@@ -96,7 +98,7 @@ async fn start(boot: &Boot, w: &Workload) -> Result<i32, String> {
         "ready ip={ip} mode={mode} workload_pid={}",
         workload.pid()
     ));
-    Ok(workload.wait().await)
+    Ok(workload.wait(button::pressed()).await)
 }
 
 /// Waits until the workload accepts connections on `port`, so that `ready` means ready.

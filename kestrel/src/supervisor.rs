@@ -90,12 +90,14 @@ impl Supervised {
         self.pid
     }
 
-    /// Supervises the workload until it exits; returns its exit code. SIGTERM and SIGINT
-    /// (Ctrl-Alt-Del from the hypervisor) ask it to stop, and it is killed after a grace
-    /// period; SIGHUP is passed on. Orphans are reaped all along.
-    pub async fn wait(mut self) -> i32 {
+    /// Supervises the workload until it exits; returns its exit code. SIGTERM, SIGINT
+    /// (Ctrl-Alt-Del) and `shutdown` (the power button) ask it to stop, and it is killed after
+    /// a grace period; SIGHUP is passed on. Orphans are reaped all along.
+    pub async fn wait(mut self, shutdown: impl std::future::Future<Output = ()>) -> i32 {
         let pid = self.pid;
         let mut deadline: Option<tokio::time::Instant> = None;
+        tokio::pin!(shutdown);
+        let mut asked = false;
         loop {
             if let Some(code) = reap(pid) {
                 return code;
@@ -111,6 +113,12 @@ impl Supervised {
                 }
                 _ = self.int.recv() => {
                     println!("kestrel: shutdown requested, stopping the workload");
+                    signal_group(pid, libc::SIGTERM);
+                    deadline.get_or_insert(tokio::time::Instant::now() + GRACE);
+                }
+                () = &mut shutdown, if !asked => {
+                    asked = true;
+                    println!("kestrel: power button, stopping the workload");
                     signal_group(pid, libc::SIGTERM);
                     deadline.get_or_insert(tokio::time::Instant::now() + GRACE);
                 }

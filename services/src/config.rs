@@ -119,8 +119,9 @@ pub struct VmmdConfig {
     pub state_dir: Option<PathBuf>,
     /// The listen address.
     pub listen: Option<Addr>,
-    /// `qemu` or `cloud-hypervisor`; by default Cloud Hypervisor when its binary is found, else
-    /// QEMU. A plugin's manifest may ask for one.
+    /// `qemu` or `cloud-hypervisor`; by default (`auto`) Cloud Hypervisor when its binary is
+    /// found and boots the VM's kernel on this host (probed once), else QEMU. A plugin's
+    /// manifest may ask for one.
     pub hypervisor: Option<String>,
     /// `auto` (default: probe whether KVM can boot a guest), `kvm` or `tcg`.
     pub accel: Option<String>,
@@ -137,6 +138,9 @@ pub struct VmmdConfig {
     pub dns: Option<Vec<IpAddr>>,
     /// How long a guest has to shut down cleanly before its hypervisor is stopped [default: 10].
     pub stop_timeout_secs: Option<u64>,
+    /// How long a booting guest has to say it is ready before the VM is `failed` and its
+    /// hypervisor stopped [default: 120].
+    pub boot_timeout_secs: Option<u64>,
     /// How often vmmd compares its VMs with the leases, TAPs and routes of the peers and
     /// removes what no VM holds; also soon after a peer was unreachable [default: 30, ≥ 1].
     pub reconcile_interval_secs: Option<u64>,

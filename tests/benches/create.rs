@@ -70,6 +70,7 @@ async fn run() {
                 .stream_logs(StreamLogsRequest {
                     name: name.clone(),
                     follow: true,
+                    previous: false,
                 })
                 .await
                 .unwrap()
@@ -118,7 +119,7 @@ async fn run() {
             "vmmd",
             "QEMU start-up to QMP (excluded)",
         ),
-        ("vm.running", "vmmd", "persist running (durable)"),
+        ("vm.booting", "vmmd", "persist booting (durable)"),
     ];
     println!("| step | p50 ms | p90 ms | max ms |");
     println!("|---|---:|---:|---:|");

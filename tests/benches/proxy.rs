@@ -151,7 +151,7 @@ async fn main() {
     })
     .await
     .unwrap();
-    ready(vmm.clone(), "b".into(), 1, Duration::from_secs(90))
+    ready(vmm.clone(), "b".into(), Duration::from_secs(90))
         .await
         .unwrap();
     let pids = (gateway.pid(), cp.proxyd.pid(), cp.vmmd.pid());

@@ -20,10 +20,43 @@ pub async fn control_plane() -> ControlPlane {
         host,
         up,
         &[("RUST_LOG", "warn")],
-        "  stop_timeout_secs: 2\n  reconcile_interval_secs: 2",
+        // Many guests boot at once under emulation here: they have time to.
+        "  stop_timeout_secs: 2\n  reconcile_interval_secs: 2\n  boot_timeout_secs: 1800",
     )
     .await;
     cp.install_hello().await;
+    cp
+}
+
+/// Like [`control_plane`], with vmmd on the Cloud Hypervisor at `binary` and `hello` a plugin of
+/// the PVH stub kernel ([`crate::stub`]), written under the control plane's root.
+pub async fn control_plane_on_cloud_hypervisor(binary: &std::path::Path) -> ControlPlane {
+    let (host, up) = host_and_upstream();
+    let cp = ControlPlane::start_in(
+        host,
+        up,
+        &[("RUST_LOG", "warn")],
+        &format!(
+            "  hypervisor: cloud-hypervisor\n  cloud_hypervisor_binary: {}\n  \
+             stop_timeout_secs: 1\n  reconcile_interval_secs: 2",
+            binary.display()
+        ),
+    )
+    .await;
+    let (kernel, initramfs) = crate::stub::write(cp.root.path(), "stub", crate::stub::READY);
+    let manifest = serde_json::json!({
+        "name": "hello", "version": "1.0.0",
+        "boot": { "kernel": kernel, "initramfs": initramfs, "cmdline": "console=ttyS0" },
+        "resources": { "cpu_cores": 1, "memory_mb": 64 },
+        "networking": { "mode": "bridge" },
+        "workload": { "entrypoint": ["/bin/true"] }
+    });
+    cp.vmm()
+        .install_plugin(volant_services::api::vmm::v1::InstallPluginRequest {
+            manifest_json: manifest.to_string(),
+        })
+        .await
+        .expect("installing the stub plugin");
     cp
 }
 
@@ -56,6 +89,10 @@ pub struct Snapshot {
     pub hypervisors: Vec<String>,
     pub backends: Vec<String>,
     pub rules: String,
+    /// The VMs' files in the run directory (control sockets, locks, vsock sockets).
+    pub run_files: Vec<String>,
+    /// The VMs' directories in vmmd's state directory.
+    pub vm_dirs: Vec<String>,
 }
 
 pub async fn snapshot(cp: &ControlPlane) -> Result<Snapshot, String> {
@@ -113,7 +150,21 @@ pub async fn snapshot(cp: &ControlPlane) -> Result<Snapshot, String> {
         rules: cp
             .host
             .sh("iptables-save | grep -v '^#' | grep -i volant || true"),
+        run_files: names_in(&cp.run_dir())
+            .into_iter()
+            .filter(|n| n.starts_with("vmm-") || n.starts_with("vsock-") || n.starts_with("vhost-"))
+            .collect(),
+        vm_dirs: names_in(&cp.root.path().join("vmmd/state/vms")),
     })
+}
+
+fn names_in(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The invariants that must hold at every instant (an address is never leased twice).
@@ -137,18 +188,19 @@ pub fn always(s: &Snapshot) -> Vec<String> {
     bad
 }
 
+/// Whether a VM of `status` has its hypervisor: booting (its guest not yet ready) or running.
+pub fn up(status: i32) -> bool {
+    status == VmStatus::Running as i32 || status == VmStatus::Booting as i32
+}
+
 /// The invariants of a system at rest.
 pub fn at_rest(s: &Snapshot) -> Vec<String> {
     let mut bad = always(s);
-    let running = |name: &str| {
-        s.vms
-            .get(name)
-            .is_some_and(|v| v.status == VmStatus::Running as i32)
-    };
+    let running = |name: &str| s.vms.get(name).is_some_and(|v| up(v.status));
     for v in s.vms.values() {
         let status = VmStatus::try_from(v.status).unwrap_or(VmStatus::Unspecified);
         match status {
-            VmStatus::Running => {
+            VmStatus::Running | VmStatus::Booting => {
                 let n = s.hypervisors.iter().filter(|h| **h == v.name).count();
                 if n != 1 {
                     bad.push(format!("running {} has {n} hypervisors", v.name));
@@ -203,6 +255,40 @@ pub fn at_rest(s: &Snapshot) -> Vec<String> {
     for vm in &s.backends {
         if !running(vm) {
             bad.push(format!("a vsock backend for {vm}, which is not running"));
+        }
+    }
+    for f in &s.run_files {
+        let holder = if let Some(rest) = f.strip_prefix("vsock-") {
+            // vsock-<cid>.sock (the hypervisor's, while it runs) and vsock-<cid>.sock_<port>
+            // (proxyd's egress listener, while the route is registered).
+            let cid = rest.split('.').next().and_then(|c| c.parse::<u32>().ok());
+            let vm = s.vms.values().find(|v| Some(v.vsock_cid) == cid);
+            match (vm, rest.contains('_')) {
+                (Some(v), true) => Some(v.name.clone()),
+                (Some(v), false) if up(v.status) => Some(v.name.clone()),
+                _ => None,
+            }
+        } else {
+            let name = f
+                .trim_start_matches("vmm-")
+                .trim_start_matches("vhost-vsock-")
+                .split(".sock")
+                .next()
+                .unwrap_or_default();
+            s.vms
+                .get(name)
+                .filter(|v| up(v.status))
+                .map(|v| v.name.clone())
+        };
+        if holder.is_none() {
+            bad.push(format!("{f} is left in the run directory"));
+        }
+    }
+    for d in &s.vm_dirs {
+        if !s.vms.contains_key(d) {
+            bad.push(format!(
+                "vmmd keeps the directory of {d}, which does not exist"
+            ));
         }
     }
     let mut lines = BTreeSet::new();

@@ -10,6 +10,7 @@ pub mod contract;
 pub mod invariants;
 pub mod otlp;
 pub mod recorder;
+pub mod stub;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -22,8 +23,8 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use volant_services::api::ipam::v1::ipam_client::IpamClient;
 use volant_services::api::net::v1::net_client::NetClient;
-use volant_services::api::vmm::v1::StreamLogsRequest;
 use volant_services::api::vmm::v1::vmm_client::VmmClient;
+use volant_services::api::vmm::v1::{StreamLogsRequest, VmStatus};
 use volant_services::{Addr, Channel, dial};
 
 /// The directory of the binaries under test.
@@ -53,6 +54,39 @@ pub fn bin(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// The real `cloud-hypervisor`: `VOLANT_CLOUD_HYPERVISOR`, else the one in PATH; or why none.
+pub fn cloud_hypervisor() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("VOLANT_CLOUD_HYPERVISOR") {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(format!(
+                "VOLANT_CLOUD_HYPERVISOR={} is not a file",
+                p.display()
+            ))
+        };
+    }
+    std::env::var_os("PATH")
+        .and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|d| d.join("cloud-hypervisor"))
+                .find(|p| p.is_file())
+        })
+        .ok_or_else(|| "no cloud-hypervisor in PATH and VOLANT_CLOUD_HYPERVISOR is unset".into())
+}
+
+/// [`cloud_hypervisor`], or `None` after saying loudly that `test` is skipped and why.
+pub fn cloud_hypervisor_or_skip(test: &str) -> Option<PathBuf> {
+    match cloud_hypervisor() {
+        Ok(b) => Some(b),
+        Err(why) => {
+            eprintln!("\n*** SKIPPED {test}: {why} ***\n");
+            None
+        }
+    }
 }
 
 /// The directory of the guest kernel (`vmlinux`) and the `hello` initramfs.
@@ -687,40 +721,62 @@ impl Drop for ControlPlane {
     }
 }
 
-/// Follows the VM's console until kestrel reports `ready` for the `boot`th time (the log keeps
-/// earlier boots), at most `limit`.
+/// Waits until VM `name` is `running` (vmmd makes it so when kestrel reports ready on the
+/// console of the current boot), at most `limit`; a VM that fails or stops first is an error
+/// carrying its console.
 pub async fn ready(
     mut vmm: VmmClient<Channel>,
     name: String,
-    boot: usize,
     limit: Duration,
 ) -> Result<Duration, String> {
     let start = Instant::now();
-    let mut stream = vmm
+    loop {
+        let vm = vmm
+            .get_vm(volant_services::api::vmm::v1::GetVmRequest { name: name.clone() })
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner()
+            .vm
+            .ok_or("vmmd answered without a VM")?;
+        let status = VmStatus::try_from(vm.status).unwrap_or(VmStatus::Unspecified);
+        match status {
+            VmStatus::Running => return Ok(start.elapsed()),
+            VmStatus::Failed | VmStatus::Stopped | VmStatus::Deleting => {
+                return Err(format!(
+                    "{name} is {status:?} before it was ready ({}); console:\n{}",
+                    vm.error,
+                    console(&mut vmm, &name).await
+                ));
+            }
+            _ if start.elapsed() > limit => {
+                return Err(format!(
+                    "{name} not ready after {limit:?} (it is {status:?}); console:\n{}",
+                    console(&mut vmm, &name).await
+                ));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// The console of the current boot of `name`, as far as it goes.
+async fn console(vmm: &mut VmmClient<Channel>, name: &str) -> String {
+    let Ok(res) = vmm
         .stream_logs(StreamLogsRequest {
-            name: name.clone(),
-            follow: true,
+            name: name.to_string(),
+            follow: false,
+            previous: false,
         })
         .await
-        .map_err(|e| e.to_string())?
-        .into_inner();
-    let mut console = String::new();
-    let found = tokio::time::timeout(limit, async {
-        while let Some(Ok(chunk)) = stream.next().await {
-            console.push_str(&String::from_utf8_lossy(&chunk.data));
-            if console.matches("kestrel: ready").count() >= boot {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    match found {
-        Ok(true) => Ok(start.elapsed()),
-        _ => Err(format!(
-            "{name} not ready after {limit:?}; console:\n{console}"
-        )),
+    else {
+        return String::new();
+    };
+    let mut stream = res.into_inner();
+    let mut text = String::new();
+    while let Some(Ok(chunk)) = stream.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk.data));
     }
+    text
 }
 
 /// A throwaway CA and one certificate it signed, for tests that need TLS.

@@ -10,7 +10,7 @@ use tonic::transport::Endpoint;
 use volant_services::Addr;
 use volant_services::api::vmm::v1::vmm_client::VmmClient;
 use volant_services::api::vmm::v1::{DeleteVmRequest, Vm, VmStatus};
-use volant_tests::invariants::{control_plane, converge, request, snapshot};
+use volant_tests::invariants::{control_plane, converge, request, snapshot, up};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrency() {
@@ -48,13 +48,9 @@ async fn concurrency() {
     let wall = started.elapsed();
     let bad = converge(&cp, Duration::from_secs(60)).await;
     let s = snapshot(&cp).await.unwrap();
-    let running = s
-        .vms
-        .values()
-        .filter(|v| v.status == VmStatus::Running as i32)
-        .count();
+    let running = s.vms.values().filter(|v| up(v.status)).count();
     println!(
-        "200 concurrent creates in {:.1} s: {codes:?}; {running} running, {} leases, {} TAPs, {} hypervisors",
+        "200 concurrent creates in {:.1} s: {codes:?}; {running} booting or running, {} leases, {} TAPs, {} hypervisors",
         wall.as_secs_f64(),
         s.leases.len(),
         s.links.len(),

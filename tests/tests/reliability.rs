@@ -2,17 +2,21 @@
 //! operation, a random service (ipamd, netd, proxyd or vmmd) is killed with `kill -9` and
 //! restarted. After each cycle the system must converge to the invariants
 //! ([`volant_tests::invariants`]): no address leased twice, no lease, TAP, route, hypervisor or
-//! vsock backend without a VM that holds it, no duplicated iptables rule, every VM running (with
-//! exactly one hypervisor) or cleanly failed (holding nothing). Some creates are abandoned by
+//! vsock backend without a VM that holds it, no file of a VM that is gone (or down) in the run
+//! or state directories, no duplicated iptables rule, every VM running (with exactly one
+//! hypervisor) or cleanly failed (holding nothing). Some creates are abandoned by
 //! their caller after a short deadline, which must not leave a VM half made. Short form here
 //! (`VOLANT_CHAOS_CYCLES`, default 12); the long form by hand:
 //! `VOLANT_CHAOS_CYCLES=200 cargo test -p volant-tests --test reliability -- --nocapture`
-//! (`VOLANT_CHAOS_SEED` replays a run).
+//! (`VOLANT_CHAOS_SEED` replays a run). It runs twice: under QEMU with the real guest, and on
+//! the real Cloud Hypervisor (`VOLANT_CLOUD_HYPERVISOR`, else PATH) with the PVH stub kernel.
 
 use std::time::{Duration, Instant};
 
 use volant_services::api::vmm::v1::DeleteVmRequest;
-use volant_tests::invariants::{control_plane, converge, request, snapshot};
+use volant_tests::invariants::{
+    control_plane, control_plane_on_cloud_hypervisor, converge, request, snapshot,
+};
 use volant_tests::{ControlPlane, Daemon};
 
 /// A small, seedable generator (xorshift64*), so a failing run can be replayed.
@@ -45,6 +49,19 @@ fn victim(cp: &mut ControlPlane, i: u64) -> &mut Daemon {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos() {
+    chaos_on(control_plane().await).await;
+}
+
+/// The same on the real Cloud Hypervisor, with the PVH stub kernel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_on_cloud_hypervisor() {
+    let Some(ch) = volant_tests::cloud_hypervisor_or_skip("chaos_on_cloud_hypervisor") else {
+        return;
+    };
+    chaos_on(control_plane_on_cloud_hypervisor(&ch).await).await;
+}
+
+async fn chaos_on(mut cp: ControlPlane) {
     let cycles: u64 = env_or("VOLANT_CHAOS_CYCLES", 12);
     let seed: u64 = env_or(
         "VOLANT_CHAOS_SEED",
@@ -56,7 +73,6 @@ async fn chaos() {
     );
     println!("chaos: {cycles} cycles, VOLANT_CHAOS_SEED={seed}");
     let mut rng = Rng(seed);
-    let mut cp = control_plane().await;
     let names = ["ipamd", "netd", "proxyd", "vmmd"];
     let mut kills = [0u32; 4];
     let (mut created, mut refused, mut deleted) = (0, 0, 0);

@@ -102,7 +102,7 @@ async fn a_create_is_one_trace_across_the_services() {
             let whole = |vm: &str, want: &[&str]| {
                 trace_of(spans, vm).is_some_and(|t| {
                     let s = services(&t);
-                    want.iter().all(|w| s.contains(*w)) && t.iter().any(|s| s.name == "vm.running")
+                    want.iter().all(|w| s.contains(*w)) && t.iter().any(|s| s.name == "vm.booting")
                 })
             };
             whole("web", &["gateway", "vmmd", "ipamd", "netd"])
@@ -124,7 +124,7 @@ async fn a_create_is_one_trace_across_the_services() {
         "vmmd: netd.create_tap",
         "netd: volant.net.v1.Net/CreateTap",
         "vmmd: hypervisor.launch",
-        "vmmd: vm.running",
+        "vmmd: vm.booting",
     ] {
         assert!(
             web_names.contains(want),

@@ -132,7 +132,7 @@ async fn vms_boot_on_the_bridge_talk_and_leave_nothing_behind() {
     );
     assert_eq!(d.ip_address, "192.168.128.50");
     for vm in [&a, &b, &d] {
-        assert_eq!(vm.status, VmStatus::Running as i32, "{vm:?}");
+        assert_eq!(vm.status, VmStatus::Booting as i32, "{vm:?}");
         assert!(alive(vm.pid), "{} has no hypervisor", vm.name);
         assert_eq!(vm.hypervisor, "qemu");
         assert!(vm.tap_device.starts_with("vmtap-"));
@@ -143,9 +143,9 @@ async fn vms_boot_on_the_bridge_talk_and_leave_nothing_behind() {
     }
     let limit = Duration::from_secs(120);
     let boots = tokio::join!(
-        ready(cp.vmm(), "a".into(), 1, limit),
-        ready(cp.vmm(), "b".into(), 1, limit),
-        ready(cp.vmm(), "d".into(), 1, limit)
+        ready(cp.vmm(), "a".into(), limit),
+        ready(cp.vmm(), "b".into(), limit),
+        ready(cp.vmm(), "d".into(), limit)
     );
     for boot in [&boots.0, &boots.1, &boots.2] {
         boot.as_ref().unwrap();
@@ -273,12 +273,20 @@ async fn vms_boot_on_the_bridge_talk_and_leave_nothing_behind() {
         seen.push((e.name, e.previous, e.status));
     }
     for name in ["a", "b", "d"] {
-        let up = (
-            name.to_string(),
-            VmStatus::Creating as i32,
-            VmStatus::Running as i32,
+        let story: Vec<(i32, i32)> = seen
+            .iter()
+            .filter(|(n, ..)| n == name)
+            .map(|(_, from, to)| (*from, *to))
+            .collect();
+        assert_eq!(
+            story[..3],
+            [
+                (VmStatus::Unspecified as i32, VmStatus::Creating as i32),
+                (VmStatus::Creating as i32, VmStatus::Booting as i32),
+                (VmStatus::Booting as i32, VmStatus::Running as i32)
+            ],
+            "{name}: {seen:?}"
         );
-        assert!(seen.contains(&up), "{seen:?}");
     }
     let failed = (
         "e".to_string(),
@@ -326,10 +334,17 @@ async fn vms_boot_on_the_bridge_talk_and_leave_nothing_behind() {
         .vm
         .unwrap();
     assert_eq!(started.ip_address, "192.168.127.101");
-    ready(cp.vmm(), "b".into(), 2, limit).await.unwrap();
-    let console = cp.root.path().join("vmmd/state/vms/b/serial.log");
+    ready(cp.vmm(), "b".into(), limit).await.unwrap();
+    // The power button reached kestrel, which stopped the workload and powered off; that
+    // boot's console is kept beside this one's.
+    let console = cp.root.path().join("vmmd/state/vms/b/serial.log.1");
     let console = std::fs::read_to_string(console).unwrap();
-    assert!(console.contains("kestrel: shutdown requested"), "{console}");
+    assert!(console.contains("kestrel: power button"), "{console}");
+    assert!(console.contains("kestrel: powering off"), "{console}");
+    assert!(
+        !cp.vmmd.log_text().contains("did not shut down in time"),
+        "the stop had to force the hypervisor"
+    );
     assert_eq!(page(&cp, "192.168.127.101", "/cgi-bin/whoami"), "b");
 
     // Delete everything: no lease, no TAP, no hypervisor, no stray rule.

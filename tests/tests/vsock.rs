@@ -20,7 +20,7 @@ use tokio_rustls::rustls;
 use volant_services::api::proxy::v1::proxy_client::ProxyClient;
 use volant_services::api::proxy::v1::{GetStatsRequest, ListRoutesRequest};
 use volant_services::api::vmm::v1::{
-    CreateVmRequest, DeleteVmRequest, GetVmRequest, InstallPluginRequest,
+    CreateVmRequest, DeleteVmRequest, GetVmRequest, InstallPluginRequest, StopVmRequest, VmStatus,
 };
 use volant_tests::{ControlPlane, Pki, guest_dir, host_and_upstream, in_netns, ready};
 
@@ -394,10 +394,10 @@ async fn vsock_vms_reach_and_are_reached_only_through_the_proxies() {
     );
     let limit = Duration::from_secs(90);
     let (r1, r2, r3, r4) = tokio::join!(
-        ready(vmm.clone(), "sec".into(), 1, limit),
-        ready(vmm.clone(), "shut".into(), 1, limit),
-        ready(vmm.clone(), "plain".into(), 1, limit),
-        ready(vmm.clone(), "br".into(), 1, limit)
+        ready(vmm.clone(), "sec".into(), limit),
+        ready(vmm.clone(), "shut".into(), limit),
+        ready(vmm.clone(), "plain".into(), limit),
+        ready(vmm.clone(), "br".into(), limit)
     );
     r1.unwrap();
     r2.unwrap();
@@ -669,9 +669,39 @@ async fn vsock_vms_reach_and_are_reached_only_through_the_proxies() {
         assert_eq!(answer.0, 404, "{name}: {}", answer.1);
         assert!(answer.1.contains("does not exist"), "{name}: {}", answer.1);
     }
-    ready(vmm.clone(), "again".into(), 1, limit).await.unwrap();
+    ready(vmm.clone(), "again".into(), limit).await.unwrap();
     let (code, body) = get(&ns, "/api/v1/vms/again/proxy/").await;
     assert_eq!((code, body.as_str()), (200, "echo from again\n"));
+
+    // A clean stop: the power button reaches kestrel, the workload gets SIGTERM (and says so),
+    // the guest powers off, and nothing had to be forced.
+    let asked = std::time::Instant::now();
+    let stopped = vmm
+        .stop_vm(StopVmRequest {
+            name: "again".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .vm
+        .unwrap();
+    let took = asked.elapsed();
+    assert_eq!(
+        (stopped.status, stopped.error.as_str()),
+        (VmStatus::Stopped as i32, "")
+    );
+    let console =
+        std::fs::read_to_string(cp.root.path().join("vmmd/state/vms/again/serial.log")).unwrap();
+    for said in [
+        "kestrel: power button, stopping the workload",
+        "volant-echo: SIGTERM, exiting",
+        "kestrel: powering off",
+    ] {
+        assert!(console.contains(said), "{said:?} missing:\n{console}");
+    }
+    println!("a clean stop through the power button took {took:?}");
+    assert!(took < Duration::from_secs(5), "the stop took {took:?}");
+    assert!(!cp.vmmd.log_text().contains("did not shut down in time"));
     for name in ["again", "br2"] {
         vmm.delete_vm(DeleteVmRequest {
             name: name.into(),

@@ -218,7 +218,12 @@ impl pb::vmm_server::Vmm for VmmService {
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
         let r = req.into_inner();
         self.vmm.get(&r.name)?;
-        let path = (self.paths)(&r.name).serial;
+        let current = (self.paths)(&r.name).serial;
+        let path = if r.previous {
+            crate::guest::previous(&current)
+        } else {
+            current
+        };
         let (tx, rx) = mpsc::channel::<Vec<u8>>(16);
         let vmm = self.vmm.clone();
         let name = r.name.clone();

@@ -3,6 +3,7 @@
 mod accel;
 mod driver;
 mod grpc;
+mod guest;
 mod logs;
 mod manifest;
 mod peers;
@@ -80,6 +81,7 @@ fn settings(daemon: &Daemon) -> anyhow::Result<vmm::Settings> {
         qemu,
         cloud_hypervisor,
         stop_timeout: Duration::from_secs(c.stop_timeout_secs.unwrap_or(10)),
+        boot_timeout: Duration::from_secs(c.boot_timeout_secs.unwrap_or(120)),
     })
 }
 

@@ -46,6 +46,25 @@ pub fn find_by_arg(needle: &str) -> Vec<u32> {
         .collect()
 }
 
+/// The identity of this boot of the host (or of the container vmmd runs in), kept in
+/// `<run-dir>/host-boot`: the run directory lives in /run, which every boot starts empty, so the
+/// file is made anew (from a fresh random id) once per boot. A VM launched under another boot
+/// did not crash: the host restarted.
+pub fn host_boot(run_dir: &std::path::Path) -> Option<String> {
+    let file = run_dir.join("host-boot");
+    if let Ok(id) = std::fs::read_to_string(&file) {
+        return Some(id.trim().to_string());
+    }
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/uuid").ok()?;
+    let tmp = run_dir.join("host-boot.tmp");
+    std::fs::write(&tmp, &id).ok()?;
+    // A racing writer's id wins as well as ours: both name this boot.
+    std::fs::rename(&tmp, &file).ok()?;
+    std::fs::read_to_string(&file)
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
 /// Sends `signal` to `pid`.
 pub fn signal(pid: u32, signal: libc::c_int) {
     // SAFETY: kill(2) has no memory-safety preconditions.

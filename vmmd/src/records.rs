@@ -15,8 +15,12 @@ use crate::manifest::{Hypervisor, Manifest, Mode};
 pub enum Status {
     /// Being built; nothing is acknowledged yet.
     Creating,
-    /// Its hypervisor runs.
+    /// Its hypervisor runs; its guest has not said it is ready yet.
+    Booting,
+    /// Its guest said it is ready.
     Running,
+    /// Being shut down.
+    Stopping,
     /// Its hypervisor has stopped; the VM keeps its address and TAP.
     Stopped,
     /// Creating or running it failed; `error` says why.
@@ -26,11 +30,18 @@ pub enum Status {
 }
 
 impl Status {
+    /// Whether its hypervisor runs (or is being stopped).
+    pub fn up(self) -> bool {
+        matches!(self, Status::Booting | Status::Running | Status::Stopping)
+    }
+
     /// The name operators see.
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Creating => "creating",
+            Status::Booting => "booting",
             Status::Running => "running",
+            Status::Stopping => "stopping",
             Status::Stopped => "stopped",
             Status::Failed => "failed",
             Status::Deleting => "deleting",
@@ -99,6 +110,12 @@ pub struct VmRecord {
     pub pid: Option<u32>,
     /// See `pid`.
     pub pid_start: Option<u64>,
+    /// When its current boot began (the boot deadline counts from it).
+    #[serde(default)]
+    pub boot_started: Option<SystemTime>,
+    /// The host's boot it was launched under ([`crate::process::host_boot`]).
+    #[serde(default)]
+    pub host_boot: Option<String>,
     /// When it was created.
     pub created_at: SystemTime,
     /// When it last changed.
@@ -115,6 +132,8 @@ pub struct Paths {
     pub hypervisor_log: PathBuf,
     /// The hypervisor's control socket (QMP or Cloud Hypervisor's API).
     pub api_socket: PathBuf,
+    /// The lock file Cloud Hypervisor keeps beside its API socket.
+    pub api_lock: PathBuf,
     /// The vhost-user socket between QEMU and its vsock backend (vsock mode).
     pub vhost_socket: PathBuf,
     run_dir: PathBuf,
@@ -128,6 +147,7 @@ impl Paths {
             serial: dir.join("serial.log"),
             hypervisor_log: dir.join("hypervisor.log"),
             api_socket: run_dir.join(format!("vmm-{name}.sock")),
+            api_lock: run_dir.join(format!("vmm-{name}.sock.lock")),
             vhost_socket: run_dir.join(format!("vhost-vsock-{name}.sock")),
             run_dir: run_dir.to_path_buf(),
             dir,

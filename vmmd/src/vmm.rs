@@ -24,6 +24,7 @@ use crate::accel::Accel;
 use crate::driver::cloud_hypervisor::CloudHypervisor;
 use crate::driver::qemu::Qemu;
 use crate::driver::{Driver, LaunchSpec, Nic, Vsock};
+use crate::guest;
 use crate::manifest::{Hypervisor, Manifest, Mode};
 use crate::peers::Peers;
 use crate::process;
@@ -38,6 +39,8 @@ const VM_LOCKS: usize = 64;
 const MAX_SAGAS: usize = 16;
 /// How long a hypervisor may take to exit after it was told to stop.
 const KILL_GRACE: Duration = Duration::from_secs(5);
+/// How often a booting guest's console is read for `kestrel: ready`.
+const BOOT_POLL: Duration = Duration::from_millis(100);
 
 /// How vmmd runs VMs.
 pub struct Settings {
@@ -59,6 +62,8 @@ pub struct Settings {
     pub vsock_backend: PathBuf,
     /// How long a guest has to shut down cleanly.
     pub stop_timeout: Duration,
+    /// How long a booting guest has to say it is ready.
+    pub boot_timeout: Duration,
 }
 
 /// A request to create a VM, as received.
@@ -98,6 +103,8 @@ pub struct Vmm {
     dirty: tokio::sync::Notify,
     /// Turns for the sagas ([`MAX_SAGAS`]).
     sagas: tokio::sync::Semaphore,
+    /// This boot of the host ([`process::host_boot`]).
+    host_boot: Option<String>,
 }
 
 fn invalid(m: impl Into<String>) -> Status {
@@ -116,7 +123,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub fn status_pb(s: VmStatus) -> pb::VmStatus {
     match s {
         VmStatus::Creating => pb::VmStatus::Creating,
+        VmStatus::Booting => pb::VmStatus::Booting,
         VmStatus::Running => pb::VmStatus::Running,
+        VmStatus::Stopping => pb::VmStatus::Stopping,
         VmStatus::Stopped => pb::VmStatus::Stopped,
         VmStatus::Failed => pb::VmStatus::Failed,
         VmStatus::Deleting => pb::VmStatus::Deleting,
@@ -236,6 +245,7 @@ impl Vmm {
             .collect();
         let flushed = store.clone();
         let (events, _) = broadcast::channel(1024);
+        let settings_run_dir = settings.run_dir.clone();
         Ok(Vmm {
             qemu: Qemu {
                 binary: settings.qemu.clone(),
@@ -257,6 +267,7 @@ impl Vmm {
             sagas: tokio::sync::Semaphore::new(MAX_SAGAS),
             exits: Mutex::new(HashMap::new()),
             events,
+            host_boot: process::host_boot(&settings_run_dir),
         })
     }
 
@@ -488,14 +499,10 @@ impl Vmm {
                 "kernel_cmdline: volant.* parameters are set by vmmd",
             ));
         }
-        let hypervisor =
-            m.hypervisor
-                .or(self.settings.hypervisor)
-                .unwrap_or(if self.ch.is_some() {
-                    Hypervisor::CloudHypervisor
-                } else {
-                    Hypervisor::Qemu
-                });
+        let hypervisor = match m.hypervisor.or(self.settings.hypervisor) {
+            Some(h) => h,
+            None => self.auto_hypervisor(&m).await,
+        };
         self.driver(hypervisor)?;
 
         let _turn = self.turn().await?;
@@ -525,6 +532,8 @@ impl Vmm {
             kernel_cmdline: String::new(),
             pid: None,
             pid_start: None,
+            boot_started: None,
+            host_boot: None,
             created_at: now,
             updated_at: now,
         };
@@ -582,6 +591,24 @@ impl Vmm {
                 self.durable(seq).await;
                 Err(e)
             }
+        }
+    }
+
+    /// `hypervisor: auto`: Cloud Hypervisor when it is installed and boots this kernel here,
+    /// else QEMU.
+    async fn auto_hypervisor(&self, m: &Manifest) -> Hypervisor {
+        let Some(ch) = &self.settings.cloud_hypervisor else {
+            return Hypervisor::Qemu;
+        };
+        let (kernel, initramfs) = (&m.boot.kernel, &m.boot.initramfs);
+        if self
+            .accel
+            .cloud_hypervisor_boots(ch, kernel, initramfs)
+            .await
+        {
+            Hypervisor::CloudHypervisor
+        } else {
+            Hypervisor::Qemu
         }
     }
 
@@ -678,6 +705,7 @@ impl Vmm {
         let paths = self.paths(name);
         std::fs::create_dir_all(&paths.dir)
             .map_err(|e| Status::internal(format!("creating {}: {e}", paths.dir.display())))?;
+        guest::rotate(&paths);
         let (_, seq) = self.update(name, |r| {
             r.kernel_cmdline = line.clone();
             r.accel = accel.clone();
@@ -713,61 +741,131 @@ impl Vmm {
             .map_err(|e| Status::failed_precondition(format!("the VM could not start: {e}")))?;
         let pid = launched.child.id().unwrap_or_default();
         let (rec, seq) = self.update(name, |r| {
-            r.status = VmStatus::Running;
+            r.status = VmStatus::Booting;
             r.error.clear();
             r.pid = Some(pid);
             r.pid_start = process::start_time(pid);
+            r.boot_started = Some(SystemTime::now());
+            r.host_boot = self.host_boot.clone();
         })?;
         self.watch_exit(name, pid, Some(launched.child));
+        self.watch_boot(name, pid);
         self.durable(seq)
-            .instrument(tracing::info_span!("vm.running", vm = %name))
+            .instrument(tracing::info_span!("vm.booting", vm = %name))
             .await;
         tracing::debug!(vm = %name, spawn_us = launched.spawned_in.as_micros() as u64, "hypervisor spawned");
         Ok(rec)
     }
 
-    /// Follows the hypervisor `pid` of VM `name` until it exits; a VM that was running is then
-    /// `stopped` (clean exit: the guest powered off) or `failed`.
+    /// Follows the hypervisor `pid` of VM `name` until it exits, then removes what it left in
+    /// the run directory. A VM that was booting or running is then `stopped` (its guest was ready
+    /// and powered off cleanly) or `failed` with the reason, whoever started the hypervisor; a VM
+    /// being stopped or deleted is left to that.
     fn watch_exit(self: &Arc<Self>, name: &str, pid: u32, child: Option<tokio::process::Child>) {
         let (tx, rx) = watch::channel(false);
         lock(&self.exits).insert(name.to_string(), rx);
         let vmm = self.clone();
         let name = name.to_string();
         tokio::spawn(async move {
-            let outcome = match child {
-                Some(mut child) => match child.wait().await {
-                    Ok(s) if s.success() => None,
-                    Ok(s) => Some(format!("the hypervisor exited: {s}")),
-                    Err(e) => Some(format!("waiting for the hypervisor: {e}")),
-                },
+            let status = match child {
+                Some(mut child) => child.wait().await.ok(),
                 None => {
                     process::exited(pid).await;
                     None
                 }
             };
-            if let Ok(rec) = vmm.get(&name)
-                && let Ok(driver) = vmm.driver(rec.hypervisor)
-            {
-                driver.release(&vmm.paths(&name)).await;
+            let paths = vmm.paths(&name);
+            if let Ok(rec) = vmm.get(&name) {
+                if let Ok(driver) = vmm.driver(rec.hypervisor) {
+                    driver.release(&paths).await;
+                }
+                vmm.clear_run_files(&rec);
             }
             let _ = tx.send(true);
+            let was = vmm.get(&name).map(|r| r.status).ok();
             let result = vmm.update(&name, |r| {
-                if r.status == VmStatus::Running && r.pid == Some(pid) {
-                    r.pid = None;
-                    r.pid_start = None;
-                    match &outcome {
-                        None => r.status = VmStatus::Stopped,
-                        Some(e) => {
-                            r.status = VmStatus::Failed;
-                            r.error = e.clone();
-                        }
-                    }
+                if r.pid != Some(pid) {
+                    return;
                 }
+                if matches!(r.status, VmStatus::Booting | VmStatus::Running) {
+                    let (next, why) = guest::ended(&paths, r.status, status);
+                    r.status = next;
+                    r.error = why;
+                }
+                r.pid = None;
+                r.pid_start = None;
             });
-            if let Ok((_, seq)) = result {
+            if let Ok((rec, seq)) = result {
+                if rec.status == VmStatus::Failed && was != Some(VmStatus::Failed) {
+                    tracing::warn!(vm = %name, "the VM failed: {}", rec.error);
+                }
                 vmm.durable(seq).await;
             }
         });
+    }
+
+    /// Follows the console of VM `name`'s boot by hypervisor `pid`: `running` once kestrel says
+    /// it is ready; `failed` (and the hypervisor stopped) when the boot deadline passes first.
+    /// The hypervisor's exit is [`Vmm::watch_exit`]'s.
+    fn watch_boot(self: &Arc<Self>, name: &str, pid: u32) {
+        let vmm = self.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let paths = vmm.paths(&name);
+            let mut seen = 0u64;
+            loop {
+                let Ok(rec) = vmm.get(&name) else { return };
+                if rec.status != VmStatus::Booting || rec.pid != Some(pid) {
+                    return;
+                }
+                if guest::said_ready(&paths.serial, &mut seen) {
+                    if let Ok((_, seq)) = vmm.update(&name, |r| {
+                        if r.status == VmStatus::Booting && r.pid == Some(pid) {
+                            r.status = VmStatus::Running;
+                        }
+                    }) {
+                        vmm.durable(seq).await;
+                    }
+                    return;
+                }
+                let started = rec.boot_started.unwrap_or(rec.updated_at);
+                let waited = started.elapsed().unwrap_or_default();
+                if waited >= vmm.settings.boot_timeout {
+                    let why = format!(
+                        "the guest did not say it was ready within {:?}; its console ends: {}",
+                        vmm.settings.boot_timeout,
+                        guest::last_lines(&paths, 3)
+                    );
+                    tracing::warn!(vm = %name, "{why}");
+                    if let Ok((rec, seq)) = vmm.update(&name, |r| {
+                        if r.status == VmStatus::Booting && r.pid == Some(pid) {
+                            r.status = VmStatus::Failed;
+                            r.error = why.clone();
+                        }
+                    }) {
+                        vmm.durable(seq).await;
+                        if rec.status == VmStatus::Failed {
+                            vmm.stop_hypervisor(&rec, false).await;
+                        }
+                    }
+                    return;
+                }
+                tokio::time::sleep(BOOT_POLL).await;
+            }
+        });
+    }
+
+    /// Removes what a VM's hypervisor leaves in the run directory when it ends: its control
+    /// socket and Cloud Hypervisor's lock beside it, and the host end of its vsock (Cloud
+    /// Hypervisor binds it at boot and leaves it; a leftover makes the next boot fail).
+    fn clear_run_files(&self, rec: &VmRecord) {
+        let paths = self.paths(&rec.name);
+        for f in [&paths.api_socket, &paths.api_lock, &paths.vhost_socket] {
+            let _ = std::fs::remove_file(f);
+        }
+        if !rec.vsock_socket.is_empty() {
+            let _ = std::fs::remove_file(&rec.vsock_socket);
+        }
     }
 
     /// Waits up to `limit` for the hypervisor of `name` to exit; returns whether it did.
@@ -822,10 +920,7 @@ impl Vmm {
         if let Ok(driver) = self.driver(rec.hypervisor) {
             driver.release(&self.paths(name)).await;
         }
-        if !rec.vsock_socket.is_empty() {
-            let _ = std::fs::remove_file(&rec.vsock_socket);
-            let _ = std::fs::remove_file(self.paths(name).vhost_socket);
-        }
+        self.clear_run_files(&rec);
         let mut first = None;
         if rec.mode == Mode::Vsock
             && let Err(e) = self.peers.unregister_route(name).await
@@ -908,7 +1003,7 @@ impl Vmm {
         let _vm = self.vm_lock(name).lock().await;
         let rec = self.get(name)?;
         match rec.status {
-            VmStatus::Running => return Ok(rec),
+            VmStatus::Running | VmStatus::Booting => return Ok(rec),
             VmStatus::Stopped | VmStatus::Failed => {}
             s => {
                 return Err(Status::failed_precondition(format!(
@@ -930,13 +1025,15 @@ impl Vmm {
         }
     }
 
-    /// Stops a running VM cleanly (a stopped one is fine). It keeps its address and TAP.
+    /// Stops a booting or running VM cleanly (a stopped one is fine): the guest is asked to
+    /// power off, and its hypervisor stopped when it does not in time. It keeps its address and
+    /// TAP.
     pub async fn stop(&self, name: &str) -> Result<VmRecord, Status> {
         let _vm = self.vm_lock(name).lock().await;
         let rec = self.get(name)?;
         match rec.status {
             VmStatus::Stopped | VmStatus::Failed => return Ok(rec),
-            VmStatus::Running => {}
+            VmStatus::Running | VmStatus::Booting | VmStatus::Stopping => {}
             s => {
                 return Err(Status::failed_precondition(format!(
                     "vm {name:?} is {}; it cannot be stopped now",
@@ -944,7 +1041,14 @@ impl Vmm {
                 )));
             }
         }
+        let (rec, seq) = self.update(name, |r| r.status = VmStatus::Stopping)?;
+        self.durable(seq).await;
         self.stop_hypervisor(&rec, true).await;
+        self.finish_stop(name).await
+    }
+
+    /// A VM whose hypervisor was stopped is `stopped`.
+    async fn finish_stop(&self, name: &str) -> Result<VmRecord, Status> {
         let (rec, seq) = self.update(name, |r| {
             r.status = VmStatus::Stopped;
             r.pid = None;
@@ -982,21 +1086,29 @@ impl Vmm {
                         tracing::warn!(vm = %rec.name, "finishing a delete: {}", e.message());
                     }
                 }
-                VmStatus::Running => self.adopt(&rec).await,
+                VmStatus::Running | VmStatus::Booting => self.adopt(&rec).await,
+                VmStatus::Stopping => {
+                    tracing::warn!(vm = %rec.name, "vmmd stopped while stopping it: finishing");
+                    self.stop_hypervisor(&rec, false).await;
+                    if let Err(e) = self.finish_stop(&rec.name).await {
+                        tracing::warn!(vm = %rec.name, "finishing a stop: {}", e.message());
+                    }
+                }
                 VmStatus::Stopped | VmStatus::Failed => {}
             }
         }
         for rec in self.list() {
-            if rec.status != VmStatus::Running
-                && let Ok(driver) = self.driver(rec.hypervisor)
-            {
-                driver.release(&self.paths(&rec.name)).await;
+            if !rec.status.up() {
+                if let Ok(driver) = self.driver(rec.hypervisor) {
+                    driver.release(&self.paths(&rec.name)).await;
+                }
+                self.clear_run_files(&rec);
             }
         }
         let recorded: Vec<u32> = self
             .list()
             .iter()
-            .filter(|r| r.status == VmStatus::Running)
+            .filter(|r| r.status.up())
             .filter_map(|r| r.pid)
             .collect();
         let sockets = self.settings.run_dir.join("vmm-").display().to_string();
@@ -1021,14 +1133,35 @@ impl Vmm {
             (Some(pid), true) => {
                 tracing::info!(vm = %rec.name, pid, "re-adopted its running hypervisor");
                 self.watch_exit(&rec.name, pid, None);
+                if rec.status == VmStatus::Booting {
+                    self.watch_boot(&rec.name, pid);
+                }
             }
-            _ => {
-                tracing::warn!(vm = %rec.name, "its hypervisor exited while vmmd was down");
+            _ if rec.host_boot.is_some() && rec.host_boot != self.host_boot => {
+                tracing::info!(vm = %rec.name, "the host restarted while it ran: stopped");
+                self.clear_run_files(rec);
                 if let Ok((_, seq)) = self.update(&rec.name, |r| {
                     r.status = VmStatus::Stopped;
                     r.pid = None;
                     r.pid_start = None;
-                    r.error = "the hypervisor exited while vmmd was down".into();
+                    r.error = "the host restarted while it ran".into();
+                }) {
+                    self.durable(seq).await;
+                }
+            }
+            _ => {
+                let (next, why) = guest::ended(&self.paths(&rec.name), rec.status, None);
+                tracing::warn!(vm = %rec.name, "its hypervisor ended while vmmd was down: {why}");
+                self.clear_run_files(rec);
+                if let Ok((_, seq)) = self.update(&rec.name, |r| {
+                    r.status = next;
+                    r.pid = None;
+                    r.pid_start = None;
+                    r.error = if why.is_empty() {
+                        "the guest powered off while vmmd was down".into()
+                    } else {
+                        why.clone()
+                    };
                 }) {
                     self.durable(seq).await;
                 }
@@ -1107,7 +1240,7 @@ impl Vmm {
             }
         }
         for rec in vms.values() {
-            let live = matches!(rec.status, VmStatus::Running | VmStatus::Stopped);
+            let live = rec.status.up() || rec.status == VmStatus::Stopped;
             if rec.mode == Mode::Vsock && live {
                 self.peers.register_route(self.route(rec)?).await?;
             }

@@ -172,13 +172,16 @@ pub enum Vms {
         #[command(flatten)]
         wait: Wait,
     },
-    /// Print a VM's serial console.
+    /// Print a VM's serial console (this boot's).
     Logs {
         /// The VM.
         name: String,
         /// Keep printing new output.
         #[arg(short, long)]
         follow: bool,
+        /// The previous boot's console instead.
+        #[arg(short, long, conflicts_with = "follow")]
+        previous: bool,
     },
 }
 

@@ -75,18 +75,9 @@ fn network_body(
     Ok(body)
 }
 
-/// The serial console of `name` so far.
-async fn console(api: &Api, name: &str) -> Result<Vec<u8>, Failure> {
-    let res = api
-        .send(Method::GET, &format!("/vms/{name}/logs"), None)
-        .await?;
-    Ok(res.bytes().await.map(|b| b.to_vec()).unwrap_or_default())
-}
-
-/// Waits until the guest of `name` reports ready on its console after its first `from` bytes
-/// (the console of earlier boots), showing a spinner with the VM's state when stderr is a
-/// terminal.
-async fn wait_ready(api: &Api, name: &str, limit: Duration, from: usize) -> Result<(), Failure> {
+/// Waits until `name` is `running` (vmmd makes it so when its guest reports ready), showing a
+/// spinner with the VM's state when stderr is a terminal.
+async fn wait_ready(api: &Api, name: &str, limit: Duration) -> Result<(), Failure> {
     let frames = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
     let spin = std::io::stderr().is_terminal();
     let start = Instant::now();
@@ -94,29 +85,27 @@ async fn wait_ready(api: &Api, name: &str, limit: Duration, from: usize) -> Resu
     let result = loop {
         let v = api.call(Method::GET, &format!("/vms/{name}"), None).await?;
         let status = cell(&v, "status");
-        if status == "failed" || status == "stopped" {
-            break Err(Failure(format!(
-                "vm {name} is {status} before its guest was ready: {}; see `volar vms logs {name}`",
-                cell(&v, "error")
-            )));
-        }
-        let all = console(api, name).await?;
-        let this_boot = String::from_utf8_lossy(all.get(from..).unwrap_or_default());
-        if let Some(line) = this_boot.lines().find(|l| l.contains("kestrel: error:")) {
-            break Err(Failure(format!("the guest of {name} failed: {line}")));
-        }
-        if this_boot.contains("kestrel: ready") {
-            break Ok(());
+        match status.as_str() {
+            "running" => break Ok(()),
+            "failed" | "stopped" | "deleting" => {
+                break Err(Failure(format!(
+                    "vm {name} is {status} before its guest was ready: {}; see `volar vms logs \
+                     {name}`",
+                    cell(&v, "error")
+                )));
+            }
+            _ => {}
         }
         if start.elapsed() > limit {
             break Err(Failure(format!(
-                "the guest of {name} was not ready after {}s; see `volar vms logs {name}`",
+                "the guest of {name} was not ready after {}s (it is {status}); see `volar vms \
+                 logs {name}`",
                 limit.as_secs()
             )));
         }
         if spin {
             eprint!(
-                "\r{} {name}: {status}, booting… {}s ",
+                "\r{} {name}: {status}… {}s ",
                 frames[i % frames.len()],
                 start.elapsed().as_secs()
             );
@@ -131,20 +120,13 @@ async fn wait_ready(api: &Api, name: &str, limit: Duration, from: usize) -> Resu
     result
 }
 
-/// Starts or restarts `name` (`action`) and, unless told not to, waits for its new boot's guest.
+/// Starts or restarts `name` (`action`) and, unless told not to, waits until its guest is ready.
 async fn boot(api: &Api, out: Output, name: &str, action: &str, wait: Wait) -> Result<(), Failure> {
-    // Starting a running VM boots nothing: any boot's "ready" will do.
-    let now = api.call(Method::GET, &format!("/vms/{name}"), None).await?;
-    let boots = action == "restart" || cell(&now, "status") != "running";
-    let from = match wait.no_wait || !boots {
-        true => 0,
-        false => console(api, name).await?.len(),
-    };
     let mut v = api
         .call(Method::POST, &format!("/vms/{name}/{action}"), None)
         .await?;
     if !wait.no_wait {
-        wait_ready(api, name, Duration::from_secs(wait.timeout), from).await?;
+        wait_ready(api, name, Duration::from_secs(wait.timeout)).await?;
         v = api.call(Method::GET, &format!("/vms/{name}"), None).await?;
     }
     vm(out, &v);
@@ -363,7 +345,7 @@ async fn vms(api: &Api, out: Output, cmd: Vms) -> Result<(), Failure> {
             }
             let mut v = created?;
             if !wait.no_wait {
-                wait_ready(api, &name, Duration::from_secs(wait.timeout), 0).await?;
+                wait_ready(api, &name, Duration::from_secs(wait.timeout)).await?;
                 v = api.call(Method::GET, &format!("/vms/{name}"), None).await?;
             }
             vm(out, &v);
@@ -400,11 +382,15 @@ async fn vms(api: &Api, out: Output, cmd: Vms) -> Result<(), Failure> {
                 .await?,
         ),
         Vms::Restart { name, wait } => boot(api, out, &name, "restart", wait).await?,
-        Vms::Logs { name, follow } => {
+        Vms::Logs {
+            name,
+            follow,
+            previous,
+        } => {
             let res = api
                 .send(
                     Method::GET,
-                    &format!("/vms/{name}/logs?follow={follow}"),
+                    &format!("/vms/{name}/logs?follow={follow}&previous={previous}"),
                     None,
                 )
                 .await?;

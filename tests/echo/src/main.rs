@@ -8,6 +8,9 @@
 //! - `GET /tunnel` with `Upgrade: tunnel`: answers 101 and splices the connection to the proxy
 //!   named by `HTTP_PROXY` (kestrel's egress forwarder), so that a test on the host can speak to
 //!   the egress proxy from inside the guest.
+//!
+//! On SIGTERM it says `volant-echo: SIGTERM, exiting` on its output (the guest's console) and
+//! exits 0, so that a test can see a clean shutdown reach the workload.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -199,7 +202,18 @@ fn splice(
     Ok(())
 }
 
+extern "C" fn on_term(_: libc::c_int) {
+    const SAID: &[u8] = b"volant-echo: SIGTERM, exiting\n";
+    // SAFETY: write(2) and _exit(2) are async-signal-safe.
+    unsafe {
+        libc::write(1, SAID.as_ptr().cast(), SAID.len());
+        libc::_exit(0);
+    }
+}
+
 fn main() {
+    // SAFETY: installs a handler that only calls async-signal-safe functions.
+    unsafe { libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t) };
     let port = std::env::args().nth(1).unwrap_or_else(|| "3000".into());
     let listener =
         TcpListener::bind(("0.0.0.0", port.parse::<u16>().expect("a port"))).expect("listening");

@@ -147,7 +147,7 @@ where
     }
 }
 
-/// Removes a stale control socket before a launch.
-pub fn clear_socket(path: &PathBuf) {
+/// Removes a stale socket (or lock) before a launch.
+pub fn clear_socket(path: &Path) {
     let _ = std::fs::remove_file(path);
 }

@@ -5,7 +5,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::json;
 use tracing::Instrument;
 
 use super::qmp::Qmp;
@@ -180,15 +179,11 @@ impl Driver for Qemu {
     }
 
     async fn request_shutdown(&self, api: &Path) -> Result<(), String> {
-        // Ctrl-Alt-Del reaches kestrel as SIGINT: it stops the workload and powers off.
-        let keys = json!({ "keys": [
-            { "type": "qcode", "data": "ctrl" },
-            { "type": "qcode", "data": "alt" },
-            { "type": "qcode", "data": "delete" }
-        ]});
+        // The ACPI power button, as Cloud Hypervisor's vm.power-button: kestrel hears it, stops
+        // the workload and powers off.
         Qmp::connect(api)
             .await?
-            .execute("send-key", Some(keys))
+            .execute("system_powerdown", None)
             .await
             .map(drop)
     }
