@@ -113,28 +113,6 @@ impl Default for Boot {
     }
 }
 
-/// Splits a command line into words, honouring double quotes as the kernel does.
-fn words(cmdline: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut quoted = false;
-    for c in cmdline.chars() {
-        match c {
-            '"' => quoted = !quoted,
-            c if c.is_whitespace() && !quoted => {
-                if !cur.is_empty() {
-                    out.push(std::mem::take(&mut cur));
-                }
-            }
-            c => cur.push(c),
-        }
-    }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
-    out
-}
-
 fn port(key: &str, value: &str) -> Result<u16, String> {
     match value.parse::<u16>() {
         Ok(p) if p > 0 => Ok(p),
@@ -149,15 +127,14 @@ fn ipv4(key: &str, value: &str) -> Result<Ipv4Addr, String> {
 }
 
 /// Parses the command line. Unknown `volant.*` keys are reported as errors too: a typo must not
-/// go unnoticed.
+/// go unnoticed; and so is a key given twice (vmmd writes each once): the guest does not boot.
 pub fn parse(cmdline: &str) -> Result<Boot, Vec<String>> {
     let mut boot = Boot::default();
     let mut errors = Vec::new();
-    for word in words(cmdline) {
-        let Some(rest) = word.strip_prefix("volant.") else {
-            continue;
-        };
-        let (key, value) = rest.split_once('=').unwrap_or((rest, ""));
+    // Split as the kernel splits it; every volant.* parameter at most once.
+    let params = volant_boot::volant_params(cmdline).map_err(|e| vec![e])?;
+    for (key, value) in &params {
+        let (key, value) = (key.as_str(), value.as_str());
         let full = format!("volant.{key}");
         let result: Result<(), String> = (|| {
             match key {
@@ -271,6 +248,19 @@ mod tests {
         assert_eq!(boot.vsock_port, 9000);
         assert_eq!(boot.name.as_deref(), Some("db"));
         assert!(parse("volant.probe=1").unwrap().probe);
+    }
+
+    #[test]
+    fn a_parameter_given_twice_stops_the_boot() {
+        // What an injected `"volant.ip=…"` in user text would look like, whichever comes first.
+        for line in [
+            "volant.mode=bridge \"volant.ip=192.168.127.200/24\" volant.ip=192.168.127.101/24",
+            "volant.ip=192.168.127.101/24 volant.mode=bridge volant.ip=192.168.127.200/24",
+            "volant.mode=vsock volant.name=a \"volant.name=pwned\"",
+        ] {
+            let errors = parse(line).unwrap_err();
+            assert!(errors[0].contains("more than once"), "{line}: {errors:?}");
+        }
     }
 
     #[test]

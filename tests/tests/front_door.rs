@@ -417,6 +417,24 @@ async fn bad_input_gets_a_400_that_names_the_problem_at_every_endpoint() {
             400,
             "set by vmmd",
         ),
+        (
+            "POST",
+            "/vms".into(),
+            // Quoted as the kernel reads it: still vmmd's parameters.
+            Some(
+                r#"{"name":"a","plugin":"hello","kernel_cmdline":"\"volant.name=pwned\" \"volant.ip=192.168.127.200/24\""}"#
+                    .into(),
+            ),
+            400,
+            "\"volant.name\": volant.* parameters are set by vmmd",
+        ),
+        (
+            "POST",
+            "/vms".into(),
+            Some(r#"{"name":"a","plugin":"hello","kernel_cmdline":"quiet a=\"b"}"#.into()),
+            400,
+            "a double quote is not closed",
+        ),
         ("POST", "/vms".into(), Some(big), 400, "larger than"),
         ("GET", "/vms/Bad_Name".into(), None, 400, "lower-case"),
         ("GET", "/vms/nope".into(), None, 404, "does not exist"),

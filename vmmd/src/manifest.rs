@@ -273,16 +273,8 @@ impl Manifest {
         if self.boot.cmdline.len() > 1024 {
             return Err("boot.cmdline: longer than 1024 bytes".into());
         }
-        if let Some(w) = self
-            .boot
-            .cmdline
-            .split_whitespace()
-            .find(|w| w.starts_with("volant."))
-        {
-            return Err(format!(
-                "boot.cmdline: {w:?}: volant.* parameters are set by vmmd"
-            ));
-        }
+        volant_boot::check_user_text(&self.boot.cmdline)
+            .map_err(|e| format!("boot.cmdline: {e}"))?;
         if !(1..=64).contains(&self.resources.cpu_cores) {
             return Err(format!(
                 "resources.cpu_cores: {} is out of range 1–64",
@@ -425,6 +417,13 @@ mod tests {
             (
                 set(&["boot", "cmdline"], "volant.ip=1.2.3.4/24".into()),
                 "set by vmmd",
+            ),
+            (
+                set(
+                    &["boot", "cmdline"],
+                    r#"quiet "volant.workload=e30" "volant.ip=1.2.3.4/24""#.into(),
+                ),
+                "boot.cmdline: \"volant.workload\": volant.* parameters are set by vmmd",
             ),
             (
                 set(&["resources", "cpu_cores"], 0.into()),

@@ -179,12 +179,19 @@ fn netmask(prefix: u8) -> std::net::Ipv4Addr {
     std::net::Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0))
 }
 
-/// The kernel command line of a VM.
+/// The kernel command line of a VM: the plugin's and the request's text first (checked to name
+/// no `volant.*` parameter and to close its quotes), then vmmd's parameters, each once.
 pub fn cmdline(r: &VmRecord, dns: &[IpAddr]) -> Result<String, String> {
     let m = &r.manifest;
     let mut parts: Vec<String> = Vec::new();
-    if !m.boot.cmdline.is_empty() {
-        parts.push(m.boot.cmdline.clone());
+    for (what, text) in [
+        ("boot.cmdline", &m.boot.cmdline),
+        ("kernel_cmdline", &r.extra_cmdline),
+    ] {
+        volant_boot::check_user_text(text).map_err(|e| format!("{what}: {e}"))?;
+        if !text.is_empty() {
+            parts.push(text.clone());
+        }
     }
     parts.push(format!("volant.mode={}", r.mode.as_str()));
     parts.push(format!("volant.name={}", r.name));
@@ -209,9 +216,6 @@ pub fn cmdline(r: &VmRecord, dns: &[IpAddr]) -> Result<String, String> {
         parts.push(format!("volant.vsock_port={port} volant.egress_port=3128"));
     }
     parts.push(format!("volant.workload={}", workload_param(m)));
-    if !r.extra_cmdline.is_empty() {
-        parts.push(r.extra_cmdline.clone());
-    }
     let line = parts.join(" ");
     if line.len() >= CMDLINE_MAX {
         return Err(format!(
@@ -490,15 +494,8 @@ impl Vmm {
         if req.kernel_cmdline.len() > 512 {
             return Err(invalid("kernel_cmdline is longer than 512 bytes"));
         }
-        if req
-            .kernel_cmdline
-            .split_whitespace()
-            .any(|w| w.starts_with("volant."))
-        {
-            return Err(invalid(
-                "kernel_cmdline: volant.* parameters are set by vmmd",
-            ));
-        }
+        volant_boot::check_user_text(&req.kernel_cmdline)
+            .map_err(|e| invalid(format!("kernel_cmdline: {e}")))?;
         let hypervisor = match m.hypervisor.or(self.settings.hypervisor) {
             Some(h) => h,
             None => self.auto_hypervisor(&m).await,
