@@ -157,6 +157,15 @@ pub fn desired(nets: &[NetRules<'_>], forwards: &[ForwardRules<'_>]) -> Rules {
         }
     }
     rules.prerouting.extend(forwards.iter().map(dnat));
+    // Two forwards to one guest port share their accept rule: each rule once.
+    for chain in [
+        &mut rules.forward,
+        &mut rules.postrouting,
+        &mut rules.prerouting,
+    ] {
+        let mut seen = std::collections::HashSet::new();
+        chain.retain(|r| seen.insert(r.clone()));
+    }
     rules
 }
 
@@ -171,18 +180,20 @@ pub enum Edit {
     Insert(usize, String),
 }
 
-/// Computes the edits from `actual` to `desired`.
+/// Computes the edits from `actual` to `desired` (a rule desired twice counts once).
 pub fn edits(actual: &[String], desired: &[String]) -> Vec<Edit> {
+    let mut unique = std::collections::HashSet::new();
+    let desired: Vec<&String> = desired.iter().filter(|r| unique.insert(*r)).collect();
     let mut edits = Vec::new();
     let mut cur: Vec<String> = Vec::new();
     for rule in actual {
-        if desired.contains(rule) && !cur.contains(rule) {
+        if desired.contains(&rule) && !cur.contains(rule) {
             cur.push(rule.clone());
         } else {
             edits.push(Edit::Delete(rule.clone()));
         }
     }
-    for (i, rule) in desired.iter().enumerate() {
+    for (i, rule) in desired.into_iter().enumerate() {
         if cur.get(i) == Some(rule) {
             continue;
         }
@@ -403,5 +414,31 @@ mod tests {
             edits(&s(&["a", "b", "c", "d"]), &s(&["a", "c", "d"])),
             vec![Edit::Delete("b".into())]
         );
+    }
+
+    #[test]
+    fn two_forwards_to_one_guest_port_share_their_accept_rule() {
+        let nets = [NetRules {
+            bridge: "volant0",
+            subnet: "192.168.127.0/24".parse().unwrap(),
+            nat: true,
+        }];
+        let to = |host_port| ForwardRules {
+            protocol: "tcp",
+            host_port,
+            vm_ip: "192.168.127.100".parse().unwrap(),
+            vm_port: 80,
+            bridge: "volant0",
+        };
+        let r = desired(&nets, &[to(20001), to(20002)]);
+        assert_eq!(r.prerouting.len(), 2);
+        let accepts = r.forward.iter().filter(|l| l.contains("--dport 80")).count();
+        assert_eq!(accepts, 1, "{:?}", r.forward);
+        // A desired list with a rule twice (what panicked netd's rule task) converges too.
+        let want = s(&["a", "b", "b", "c"]);
+        for actual in [s(&[]), s(&["b"]), s(&["c", "b", "a"])] {
+            let e = edits(&actual, &want);
+            assert_eq!(apply(&actual, &e), s(&["a", "b", "c"]), "from {actual:?}");
+        }
     }
 }

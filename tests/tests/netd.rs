@@ -382,6 +382,26 @@ async fn traffic_flows_where_it_should_and_nowhere_else() {
         .await
         .unwrap_err();
     assert_eq!(clash.code(), Code::AlreadyExists, "{clash:?}");
+    // Another host port to the same guest port: both forward (their accept rule is one).
+    let second = lab
+        .client
+        .add_port_forward(forward(8081, "tcp", "192.168.127.100", 80))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(second.created);
+    assert_eq!(lab.up.fetch("10.99.0.1:8081").unwrap(), "a sees 10.99.0.2");
+    assert_eq!(lab.up.fetch("10.99.0.1:8080").unwrap(), "a sees 10.99.0.2");
+    lab.client
+        .remove_port_forward(RemovePortForwardRequest {
+            target: Some(remove_port_forward_request::Target::HostPort(HostPort {
+                protocol: "tcp".into(),
+                port: 8081,
+            })),
+        })
+        .await
+        .unwrap();
+    assert_eq!(lab.up.fetch("10.99.0.1:8080").unwrap(), "a sees 10.99.0.2");
     assert_eq!(
         lab.client
             .list_port_forwards(ListPortForwardsRequest::default())
