@@ -404,11 +404,23 @@ impl Netd {
                 None => (self.durability.latest(), None),
             }
         };
-        // Also removes a device a crash left behind before it was recorded.
-        let device = name.clone().unwrap_or_else(|| crate::naming::tap_name(vm));
-        let removed = self.kernel.remove_tap(&device, &mut done).await;
-        self.durability.wait(seq).await;
-        removed.map_err(failed)?;
+        // Also removes a device a crash left behind before it was recorded, unless another VM's
+        // record holds that name: a TAP is removed for its own VM only.
+        let device = match name.clone() {
+            Some(n) => Some(n),
+            None => {
+                let computed = crate::naming::tap_name(vm);
+                let d = self.lock().await;
+                (!d.taps.values().any(|t| t.name == computed)).then_some(computed)
+            }
+        };
+        if let Some(device) = device {
+            let removed = self.kernel.remove_tap(&device, &mut done).await;
+            self.durability.wait(seq).await;
+            removed.map_err(failed)?;
+        } else {
+            self.durability.wait(seq).await;
+        }
         Ok(name.is_some())
     }
 

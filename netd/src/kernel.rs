@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 use crate::desired::{Desired, Network, Tap};
 use crate::firewall::{self, Firewall, ForwardRules, NetRules, Rules};
 use crate::links::{Link, Links};
-use crate::naming::{TAP_PREFIX, bridge_mac, format_mac};
+use crate::naming::{bridge_mac, format_mac, is_tap_name};
 use crate::tap;
 
 /// The alias netd gives its bridges, for people reading `ip link`.
@@ -364,7 +364,7 @@ impl Kernel {
         for link in self.links.list().await? {
             let stray_bridge = owned_bridge(&link) && !desired.networks.contains_key(&link.name);
             let stray_tap = link.kind == "tun"
-                && link.name.starts_with(TAP_PREFIX)
+                && is_tap_name(&link.name)
                 && link.group != RETIRED_GROUP
                 && !desired.taps.values().any(|t| t.name == link.name);
             if stray_bridge {

@@ -1,14 +1,21 @@
 //! Names and addresses netd derives from VM and network names.
 //!
-//! - TAP name: `vmtap-<vm>` when that fits in 15 bytes (the kernel's limit), else `vmtap-` and
-//!   the first 9 hex digits of FNV-1a-64 of the VM name. The `vmtap-` prefix marks TAPs as
-//!   netd's own.
+//! - TAP name: `vmtap-<vm>` when that fits in 15 bytes (the kernel's limit), else `vmtap_` and
+//!   the first 9 hex digits of FNV-1a-64 of the VM name: a VM name (a DNS label) has no `_`, so
+//!   no VM's plain name can be another's hashed one. Both prefixes mark TAPs as netd's own.
 //! - MAC: the first six bytes of FNV-1a-64 of `vm:<vm name>` (guest NIC) or `bridge:<network>`
 //!   (bridge), with the multicast bit cleared and the locally-administered bit set: stable across
 //!   restarts and hosts, never a vendor's or a group address.
 
-/// The prefix of every TAP netd creates.
+/// The prefix of a TAP named after its VM.
 pub const TAP_PREFIX: &str = "vmtap-";
+/// The prefix of a TAP named after the hash of a long VM name.
+pub const HASHED_TAP_PREFIX: &str = "vmtap_";
+
+/// Whether `link` is named as netd names its TAPs.
+pub fn is_tap_name(link: &str) -> bool {
+    link.starts_with(TAP_PREFIX) || link.starts_with(HASHED_TAP_PREFIX)
+}
 
 /// The longest interface name the kernel takes (IFNAMSIZ less the NUL).
 const IFNAME_MAX: usize = 15;
@@ -27,7 +34,10 @@ pub fn tap_name(vm: &str) -> String {
         return plain;
     }
     let hash = format!("{:016x}", fnv1a64(vm.as_bytes()));
-    format!("{TAP_PREFIX}{}", &hash[..IFNAME_MAX - TAP_PREFIX.len()])
+    format!(
+        "{HASHED_TAP_PREFIX}{}",
+        &hash[..IFNAME_MAX - HASHED_TAP_PREFIX.len()]
+    )
 }
 
 fn mac_of(seed: &str) -> [u8; 6] {
@@ -66,7 +76,11 @@ mod tests {
         assert_eq!(tap_name("123456789"), "vmtap-123456789");
         let long = tap_name("a-very-long-vm-name-indeed");
         assert_eq!(long.len(), 15);
-        assert!(long.starts_with(TAP_PREFIX));
+        assert!(long.starts_with(HASHED_TAP_PREFIX));
+        // The hash digits are a valid VM name; that VM's TAP is another device.
+        let digits = &long[HASHED_TAP_PREFIX.len()..];
+        assert_ne!(tap_name(digits), long);
+        assert!(is_tap_name(&long) && is_tap_name(&tap_name(digits)));
         assert_eq!(long, tap_name("a-very-long-vm-name-indeed"), "stable");
         assert_ne!(long, tap_name("a-very-long-vm-name-indeeD"));
         assert_eq!(tap_name(&"x".repeat(63)).len(), 15);
@@ -85,7 +99,7 @@ mod tests {
         // Pinned (computed independently): changing the scheme would change every VM's MAC and
         // every long TAP name.
         assert_eq!(format_mac(&guest_mac("web")), "f6:f6:d6:85:06:bf");
-        assert_eq!(tap_name("a-very-long-vm-name-indeed"), "vmtap-df63e3327");
+        assert_eq!(tap_name("a-very-long-vm-name-indeed"), "vmtap_df63e3327");
         assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
     }

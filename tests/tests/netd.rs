@@ -206,7 +206,8 @@ async fn taps_are_persistent_vnet_hdr_taps_on_the_bridge_and_touch_no_rule() {
             .into_inner();
         assert!(reply.created);
         assert!(
-            reply.tap.len() <= 15 && reply.tap.starts_with("vmtap-"),
+            reply.tap.len() <= 15
+                && (reply.tap.starts_with("vmtap-") || reply.tap.starts_with("vmtap_")),
             "{}",
             reply.tap
         );
@@ -240,6 +241,26 @@ async fn taps_are_persistent_vnet_hdr_taps_on_the_bridge_and_touch_no_rule() {
         names.push(reply.tap);
     }
     assert_eq!(names[0], "vmtap-web");
+    // The long name's hash digits are a valid VM name: that VM gets a TAP of its own, and
+    // deleting its TAP (as a failed create's rollback does) leaves the long-named VM's alone.
+    let digits = names[1].strip_prefix("vmtap_").expect("hashed").to_string();
+    let other = lab
+        .client
+        .create_tap(tap("volant0", &digits))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(other.tap, names[1]);
+    for _ in 0..2 {
+        lab.client
+            .delete_tap(DeleteTapRequest { vm: digits.clone() })
+            .await
+            .unwrap();
+    }
+    assert!(
+        links(&lab.host).contains(&names[1]),
+        "another VM's TAP was removed"
+    );
     // Owned by netd's user (root here): no other local user can attach to it.
     assert_eq!(
         lab.host.sh("cat /sys/class/net/vmtap-web/owner").trim(),
