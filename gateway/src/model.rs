@@ -236,6 +236,14 @@ pub struct CreateNetwork {
     pub nat: Option<bool>,
 }
 
+/// `PATCH /networks/{name}`: what may change of a network (its subnet and gateway never do).
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateNetwork {
+    /// Masquerade outgoing traffic.
+    pub nat: bool,
+}
+
 /// A lease.
 #[derive(Serialize, ToSchema)]
 pub struct Lease {

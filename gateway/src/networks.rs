@@ -10,7 +10,7 @@ use utoipa::IntoParams;
 use volant_services::api::{ipam::v1 as ipam, net::v1 as net};
 
 use crate::error::{ApiError, Body, By, ErrorBody, Path, Query};
-use crate::model::{CreateNetwork, Lease, List, Network};
+use crate::model::{CreateNetwork, Lease, List, Network, UpdateNetwork};
 use crate::peers::{Peers, READ, WRITE, req};
 use crate::vms::Force;
 
@@ -96,7 +96,8 @@ pub async fn get(
 }
 
 /// Creates a network: its address pool, then its bridge, forwarding and rules. Creating an
-/// identical network again answers 200.
+/// identical network again answers 200; one that exists otherwise answers 409 (change `nat`
+/// with `PATCH`; subnets never change).
 #[utoipa::path(post, path = "/api/v1/networks", tag = "networks", request_body = CreateNetwork,
     responses((status = 201, body = Network), (status = 200, body = Network), (status = 400, body = ErrorBody),
               (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
@@ -134,6 +135,7 @@ pub async fn create(
         .ensure_network(req(
             net::EnsureNetworkRequest {
                 network: Some(network),
+                update: false,
             },
             WRITE,
         ))
@@ -158,6 +160,42 @@ pub async fn create(
         StatusCode::OK
     };
     Ok((status, Json(one(&p, &b.name).await?)))
+}
+
+/// Changes `nat` of a network. The network the config file defines answers 412: it changes
+/// there.
+#[utoipa::path(patch, path = "/api/v1/networks/{name}", tag = "networks", request_body = UpdateNetwork,
+    params(("name" = String, Path, description = "network name")),
+    responses((status = 200, body = Network), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 412, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn update(
+    State(p): State<Peers>,
+    Path(name): Path<String>,
+    Body(b): Body<UpdateNetwork>,
+) -> Result<Json<Network>, ApiError> {
+    let mut network = p
+        .net
+        .clone()
+        .get_network(req(net::GetNetworkRequest { name: name.clone() }, READ))
+        .await
+        .by("netd")?
+        .into_inner()
+        .network
+        .ok_or_else(|| ApiError::not_found(format!("network {name:?} does not exist")))?;
+    network.nat = b.nat;
+    network.status = None;
+    p.net
+        .clone()
+        .ensure_network(req(
+            net::EnsureNetworkRequest {
+                network: Some(network),
+                update: true,
+            },
+            WRITE,
+        ))
+        .await
+        .by("netd")?;
+    Ok(Json(one(&p, &name).await?))
 }
 
 /// Deletes a network: its bridge and rules, then its pool. A network with VMs answers 412

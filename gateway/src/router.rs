@@ -127,7 +127,7 @@ pub fn router(peers: Peers, doors: Arc<Doors>) -> Router {
         .routes(routes!(vms::ports, vms::add_port))
         .routes(routes!(vms::remove_port))
         .routes(routes!(networks::list, networks::create))
-        .routes(routes!(networks::get, networks::delete))
+        .routes(routes!(networks::get, networks::update, networks::delete))
         .routes(routes!(networks::leases))
         .routes(routes!(plugins::list, plugins::install))
         .routes(routes!(plugins::get, plugins::remove))

@@ -111,8 +111,9 @@ impl Netd {
         Ok(())
     }
 
-    /// Makes the network of the config's `networking.bridge` block exist (with NAT), then
-    /// reconciles everything. Called once on start.
+    /// Makes the network of the config's `networking.bridge` block exist as the config says
+    /// (with NAT), then reconciles everything. Called once on start; from then on that network
+    /// changes only through the config.
     pub async fn start(&mut self, bridge: &Bridge) -> anyhow::Result<Vec<String>> {
         let net = Network::validate(
             &bridge.name,
@@ -121,10 +122,11 @@ impl Netd {
             true,
         )
         .map_err(|e| anyhow::anyhow!("config networking.bridge: {e}"))?;
-        self.config_network = Some(net.name.clone());
-        self.ensure_network(net)
+        let name = net.name.clone();
+        self.ensure_network(net, true)
             .await
             .map_err(|e| anyhow::anyhow!("config networking.bridge: {e}"))?;
+        self.config_network = Some(name);
         Ok(self.reconcile().await?)
     }
 
@@ -158,7 +160,7 @@ impl Netd {
     }
 
     /// Creates or confirms a network. Returns it and whether it is new.
-    pub async fn ensure_network(&self, net: Network) -> Result<(Network, bool)> {
+    pub async fn ensure_network(&self, net: Network, update: bool) -> Result<(Network, bool)> {
         let mut done = Vec::new();
         let gate = self.gate.write().await;
         let mut d = self.lock().await;
@@ -168,6 +170,19 @@ impl Netd {
                     "network {:?} already exists with subnet {} and gateway {}; delete it first \
                      to change them",
                     net.name, old.subnet, old.gateway
+                )));
+            }
+            Some(old) if old.nat != net.nat && !update => {
+                return Err(Error::Conflict(format!(
+                    "network {:?} already exists with nat {}; update it to change that",
+                    net.name, old.nat
+                )));
+            }
+            Some(old) if old.nat != net.nat && self.config_network.as_ref() == Some(&net.name) => {
+                return Err(Error::Precondition(format!(
+                    "network {:?} is defined by the config file (networking.bridge); change it \
+                     there",
+                    net.name
                 )));
             }
             Some(_) => false,

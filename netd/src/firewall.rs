@@ -432,7 +432,11 @@ mod tests {
         };
         let r = desired(&nets, &[to(20001), to(20002)]);
         assert_eq!(r.prerouting.len(), 2);
-        let accepts = r.forward.iter().filter(|l| l.contains("--dport 80")).count();
+        let accepts = r
+            .forward
+            .iter()
+            .filter(|l| l.contains("--dport 80"))
+            .count();
         assert_eq!(accepts, 1, "{:?}", r.forward);
         // A desired list with a rule twice (what panicked netd's rule task) converges too.
         let want = s(&["a", "b", "b", "c"]);

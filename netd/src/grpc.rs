@@ -102,13 +102,13 @@ impl pb::net_server::Net for NetService {
         &self,
         req: Request<pb::EnsureNetworkRequest>,
     ) -> Result<Response<pb::EnsureNetworkResponse>, Status> {
-        let n = req
-            .into_inner()
+        let r = req.into_inner();
+        let n = r
             .network
             .ok_or_else(|| Status::invalid_argument("network is required"))?;
         let net = Network::validate(&n.name, &n.subnet, &n.gateway, n.nat)
             .map_err(Status::invalid_argument)?;
-        let (net, created) = self.netd.ensure_network(net).await?;
+        let (net, created) = self.netd.ensure_network(net, r.update).await?;
         let (net, status) = self.netd.get_network(&net.name).await?;
         Ok(Response::new(pb::EnsureNetworkResponse {
             network: Some(network_pb(net, Some(status))),

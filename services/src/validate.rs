@@ -69,6 +69,28 @@ pub fn ipv4_subnet(what: &str, text: &str) -> Result<IpNet, String> {
             "{what} {subnet}: IPv6 is not supported yet; use an IPv4 subnet"
         ));
     }
+    if let IpNet::V4(v4) = subnet {
+        let special: [(&str, &str); 6] = [
+            ("0.0.0.0/8", "the unspecified block"),
+            ("127.0.0.0/8", "loopback"),
+            ("169.254.0.0/16", "link-local (cloud metadata lives there)"),
+            ("224.0.0.0/4", "multicast"),
+            ("240.0.0.0/4", "reserved (and broadcast)"),
+            (
+                "100.64.0.0/10",
+                "carrier-grade NAT (RFC 6598), the host's provider's",
+            ),
+        ];
+        for (block, what_it_is) in special {
+            let block: ipnet::Ipv4Net = block.parse().expect("a valid block");
+            if block.contains(&v4.network()) || v4.contains(&block.network()) {
+                return Err(format!(
+                    "{what} {subnet} overlaps {block}, {what_it_is}: choose a private subnet \
+                     such as 192.168.128.0/24"
+                ));
+            }
+        }
+    }
     if subnet.prefix_len() > 30 {
         return Err(format!(
             "{what} {subnet} is too small: it needs a network address, a gateway, at least one \
@@ -155,6 +177,15 @@ mod tests {
             ("10.0.0.5/24", "did you mean 10.0.0.0/24"),
             ("fd00::/64", "IPv6"),
             ("10.0.0.0/31", "too small"),
+            ("224.0.0.0/24", "multicast"),
+            ("239.1.0.0/16", "multicast"),
+            ("127.0.0.0/24", "loopback"),
+            ("169.254.169.0/24", "link-local"),
+            ("0.0.0.0/0", "0.0.0.0/8"),
+            ("0.1.0.0/16", "unspecified"),
+            ("240.0.0.0/24", "reserved"),
+            ("100.64.0.0/24", "carrier-grade"),
+            ("96.0.0.0/3", "loopback"),
         ];
         for (text, why) in cases {
             let err = ipv4_subnet("subnet", text).unwrap_err();

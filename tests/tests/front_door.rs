@@ -528,6 +528,66 @@ async fn bad_input_gets_a_400_that_names_the_problem_at_every_endpoint() {
         (
             "POST",
             "/networks".into(),
+            Some(r#"{"name":"mc","subnet":"224.0.0.0/24"}"#.into()),
+            400,
+            "multicast",
+        ),
+        (
+            "POST",
+            "/networks".into(),
+            Some(r#"{"name":"lo1","subnet":"127.0.0.0/24"}"#.into()),
+            400,
+            "loopback",
+        ),
+        (
+            "POST",
+            "/networks".into(),
+            Some(r#"{"name":"meta","subnet":"169.254.169.0/24"}"#.into()),
+            400,
+            "link-local",
+        ),
+        (
+            "POST",
+            "/networks".into(),
+            Some(r#"{"name":"all","subnet":"0.0.0.0/0"}"#.into()),
+            400,
+            "overlaps 0.0.0.0/8",
+        ),
+        (
+            "POST",
+            "/networks".into(),
+            // The same network with NAT off: create is create, it changes nothing.
+            Some(
+                r#"{"name":"volant0","subnet":"192.168.127.0/24","gateway":"192.168.127.1","ip_range":{"start":"192.168.127.100","end":"192.168.127.254"},"nat":false}"#
+                    .into(),
+            ),
+            409,
+            "already exists with nat true",
+        ),
+        (
+            "PATCH",
+            "/networks/volant0".into(),
+            Some(r#"{"nat":false}"#.into()),
+            412,
+            "defined by the config file",
+        ),
+        (
+            "PATCH",
+            "/networks/nope".into(),
+            Some(r#"{"nat":false}"#.into()),
+            404,
+            "does not exist",
+        ),
+        (
+            "PATCH",
+            "/networks/volant0".into(),
+            Some(r#"{"subnet":"10.7.0.0/24"}"#.into()),
+            400,
+            "unknown field `subnet`",
+        ),
+        (
+            "POST",
+            "/networks".into(),
             Some(r#"{"name":"x1","subnet":"10.7.0.0/24","ip_range":{"start":"10.7.0.9"}}"#.into()),
             400,
             "missing field `end`",
@@ -607,6 +667,25 @@ async fn bad_input_gets_a_400_that_names_the_problem_at_every_endpoint() {
         before,
         "bad input changed nothing"
     );
+    assert!(
+        volant_tests::iptables_save(&fd.cp.host).contains("MASQUERADE"),
+        "volant0 lost its NAT"
+    );
+
+    // A network made through the API changes its NAT through an update.
+    let (code, made) = fd.curl(
+        "POST",
+        "/networks",
+        Some(r#"{"name":"nn1","subnet":"10.77.0.0/24"}"#),
+        true,
+    );
+    assert_eq!(code, 201, "{made}");
+    let (code, changed) = fd.curl("PATCH", "/networks/nn1", Some(r#"{"nat":false}"#), true);
+    assert_eq!(code, 200, "{changed}");
+    assert!(changed.contains(r#""nat":false"#), "{changed}");
+    assert!(!volant_tests::iptables_save(&fd.cp.host).contains("10.77.0.0/24 ! -o nn1"));
+    let (code, _) = fd.curl("DELETE", "/networks/nn1", None, false);
+    assert_eq!(code, 204);
     assert_eq!(fd.curl("GET", "/vms", None, false).1.trim(), "[]");
 
     // A service that is down: 503 naming it, quickly, not a hang.

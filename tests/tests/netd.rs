@@ -104,6 +104,7 @@ fn net(name: &str, subnet: &str, gateway: &str) -> EnsureNetworkRequest {
             nat: true,
             status: None,
         }),
+        update: false,
     }
 }
 
@@ -739,7 +740,10 @@ async fn bad_input_is_refused_with_a_reason_and_changes_nothing() {
             "already exists",
         ),
         (
-            EnsureNetworkRequest { network: None },
+            EnsureNetworkRequest {
+                network: None,
+                update: false,
+            },
             Code::InvalidArgument,
             "network is required",
         ),

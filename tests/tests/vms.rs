@@ -99,6 +99,7 @@ async fn vms_boot_on_the_bridge_talk_and_leave_nothing_behind() {
                 nat: true,
                 status: None,
             }),
+            update: false,
         })
         .await
         .unwrap();
