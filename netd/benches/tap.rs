@@ -118,6 +118,7 @@ async fn grpc(addr: &Addr, clients: usize, secs: Duration) -> Row {
                 let req = CreateTapRequest {
                     network: "volant0".into(),
                     vm: vm.clone(),
+                    ip: format!("192.168.{}.{}", 127 + c / 250, 2 + c % 250),
                 };
                 client.create_tap(req).await.unwrap();
                 client.delete_tap(DeleteTapRequest { vm }).await.unwrap();

@@ -4,7 +4,10 @@
 //! shared and are made concurrently, one VM at a time. A crash at any point is repaired by
 //! [`Netd::reconcile`], which runs on every start.
 
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use tokio::sync::{Mutex, MutexGuard, RwLock};
 use volant_services::config::Bridge;
@@ -12,7 +15,7 @@ use volant_services::durability::Durability;
 use volant_services::validate::{dns_label, interface_name};
 
 use crate::desired::{Change, Desired, Forward, Network, Protocol, Store, Tap, port};
-use crate::kernel::{Kernel, Status};
+use crate::kernel::{Kernel, Status, guests_of};
 
 /// Why a request was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +61,9 @@ pub struct ForwardRequest<'a> {
     pub vm: &'a str,
 }
 
+/// How long deleted TAPs' anti-spoofing entries wait, to be swept together.
+const SWEEP_DELAY: Duration = Duration::from_millis(500);
+
 /// How many locks the VMs' TAP operations are spread over.
 const VM_LOCKS: usize = 64;
 
@@ -73,6 +79,12 @@ pub struct Netd {
     kernel: Kernel,
     /// The network defined by the config file, deleted only with force.
     config_network: Option<String>,
+    /// How many TAP creations asked for the anti-spoofing set to be written.
+    guard_wanted: AtomicU64,
+    /// Held while writing them; how many of those asks the rules in place answer.
+    guard_applied: Mutex<u64>,
+    /// A sweep of deleted TAPs' entries is due.
+    sweep_scheduled: AtomicBool,
 }
 
 fn failed(e: String) -> Error {
@@ -93,6 +105,9 @@ impl Netd {
             store,
             kernel,
             config_network: None,
+            guard_wanted: AtomicU64::new(0),
+            guard_applied: Mutex::new(0),
+            sweep_scheduled: AtomicBool::new(false),
         })
     }
 
@@ -199,6 +214,10 @@ impl Netd {
                 .apply_network(&net, &mut done)
                 .await
                 .map_err(failed)?;
+            self.kernel
+                .sync_guard(guests_of(&d), false, true, &mut done)
+                .await
+                .map_err(failed)?;
             self.kernel.sync_rules(&d, &mut done).await.map_err(failed)
         }
         .await;
@@ -255,6 +274,10 @@ impl Netd {
                 .await
                 .map_err(failed)?;
             self.kernel.sync_rules(d, &mut done).await.map_err(failed)?;
+            self.kernel
+                .sync_guard(guests_of(d), false, true, &mut done)
+                .await
+                .map_err(failed)?;
             self.sync_forwarding(d, &mut done)
         }
         .await;
@@ -345,6 +368,9 @@ impl Netd {
             for t in &taps {
                 self.kernel.remove_tap(&t.name, &mut done).await?;
             }
+            self.kernel
+                .sync_guard(guests_of(&d), false, true, &mut done)
+                .await?;
             self.kernel.sync_rules(&d, &mut done).await?;
             self.kernel.remove_network(name, &mut done).await
         }
@@ -358,16 +384,79 @@ impl Netd {
         result.map(|()| true)
     }
 
-    /// Creates or confirms `vm`'s TAP on `network`. Returns it and whether it is new.
-    pub async fn create_tap(&self, network: &str, vm: &str) -> Result<(Tap, bool)> {
-        let tap = Tap::validate(network, vm).map_err(Error::Invalid)?;
+    /// Writes the anti-spoofing set for the TAPs as recorded now, after a TAP change the
+    /// caller has recorded. Concurrent callers share one write: whoever writes takes the
+    /// record as it is then, which holds every change asked for before.
+    async fn sync_guard(&self, done: &mut Vec<String>) -> Result<()> {
+        let mine = self.guard_wanted.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut applied = self.guard_applied.lock().await;
+        if *applied >= mine {
+            return Ok(());
+        }
+        let (asked, guests) = {
+            let d = self.lock().await;
+            (self.guard_wanted.load(Ordering::SeqCst), guests_of(&d))
+        };
+        self.kernel
+            .sync_guard(guests, false, false, done)
+            .await
+            .map_err(failed)?;
+        *applied = asked;
+        Ok(())
+    }
+
+    /// Removes, moments from now, the anti-spoofing entries of TAPs deleted meanwhile, all in
+    /// one write (see [`crate::guard::Actual::script`] for why not at once).
+    fn sweep_guard_soon(self: &Arc<Self>) {
+        if self.sweep_scheduled.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let netd = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(SWEEP_DELAY).await;
+            netd.sweep_scheduled.store(false, Ordering::SeqCst);
+            let mut done = Vec::new();
+            let _gate = netd.gate.read().await;
+            let _writing = netd.guard_applied.lock().await;
+            let guests = guests_of(&*netd.lock().await);
+            if let Err(e) = netd.kernel.sync_guard(guests, false, true, &mut done).await {
+                tracing::warn!("sweeping the anti-spoofing set: {e}; reconciliation retries");
+            }
+            netd.log(&done);
+        });
+    }
+
+    /// Creates or confirms `vm`'s TAP on `network` for the VM's leased address `ip`. Returns it
+    /// and whether it is new. The same VM with a new address keeps its device; only that
+    /// address passes from then on.
+    pub async fn create_tap(&self, network: &str, vm: &str, ip: &str) -> Result<(Tap, bool)> {
+        let tap = Tap::validate(network, vm, ip).map_err(Error::Invalid)?;
         let mut done = Vec::new();
         let _gate = self.gate.read().await;
         let _vm = self.vm_lock(vm).lock().await;
         let (seq, created) = {
             let mut d = self.lock().await;
-            if !d.networks.contains_key(network) {
-                return Err(unknown_network(network));
+            let net = d
+                .networks
+                .get(network)
+                .ok_or_else(|| unknown_network(network))?;
+            let addr = tap.ip.map(IpAddr::V4).expect("validated");
+            volant_services::validate::host_in("ip", addr, &net.subnet)
+                .map_err(|e| Error::Invalid(format!("{e} of network {network:?}")))?;
+            if addr == net.gateway {
+                return Err(Error::Invalid(format!(
+                    "ip {addr} is the gateway of network {network:?}, not a VM's"
+                )));
+            }
+            if let Some(other) = d
+                .taps
+                .values()
+                .find(|t| t.vm != vm && t.network == network && t.ip == tap.ip)
+            {
+                return Err(Error::Conflict(format!(
+                    "ip {addr} is held by vm {:?}'s TAP {}; a TAP passes one VM's address",
+                    other.vm, other.name
+                )));
             }
             match d.taps.get(vm) {
                 Some(old) if old.network != network => {
@@ -376,7 +465,12 @@ impl Netd {
                         old.name, old.network
                     )));
                 }
-                Some(_) => (self.durability.latest(), false),
+                Some(old) if *old == tap => (self.durability.latest(), false),
+                Some(_) => {
+                    let seq = self.write(&[Change::PutTap(&tap)])?;
+                    d.taps.insert(vm.to_string(), tap.clone());
+                    (seq, false)
+                }
                 None => {
                     if let Some(other) = d.taps.values().find(|t| t.name == tap.name) {
                         return Err(Error::Conflict(format!(
@@ -390,24 +484,38 @@ impl Netd {
                 }
             }
         };
-        let applied = match self.kernel.index(network) {
-            Some(bridge) => self.kernel.apply_tap(&tap, bridge, &mut done).await,
-            None => Err(format!("bridge {network} is missing; call Reconcile")),
+        // The guard first: the device never passes a frame it has not judged.
+        let applied = match self.sync_guard(&mut done).await {
+            Err(e) => Err(e),
+            Ok(()) => match self.kernel.index(network) {
+                Some(bridge) => self
+                    .kernel
+                    .apply_tap(&tap, bridge, &mut done)
+                    .await
+                    .map_err(failed),
+                None => Err(failed(format!(
+                    "bridge {network} is missing; call Reconcile"
+                ))),
+            },
         };
         if let Err(e) = applied {
             if created {
                 self.lock().await.taps.remove(vm);
                 let _ = self.write(&[Change::DeleteTap(vm)]);
                 let _ = self.kernel.remove_tap(&tap.name, &mut done).await;
+                let _ = self.sync_guard(&mut done).await;
             }
-            return Err(failed(e));
+            return Err(e);
         }
+        self.log(&done);
         self.durability.wait(seq).await;
         Ok((tap, created))
     }
 
-    /// Deletes `vm`'s TAP; returns whether netd had one for it.
-    pub async fn delete_tap(&self, vm: &str) -> Result<bool> {
+    /// Deletes `vm`'s TAP; returns whether netd had one for it. Its entry in the anti-spoofing
+    /// set goes in the next sweep, moments later: it names a device that is gone, and a TAP
+    /// created under that name again replaces it before it is used.
+    pub async fn delete_tap(self: &Arc<Self>, vm: &str) -> Result<bool> {
         dns_label("vm", vm).map_err(Error::Invalid)?;
         let mut done = Vec::new();
         let _gate = self.gate.read().await;
@@ -429,13 +537,19 @@ impl Netd {
                 (!d.taps.values().any(|t| t.name == computed)).then_some(computed)
             }
         };
-        if let Some(device) = device {
-            let removed = self.kernel.remove_tap(&device, &mut done).await;
-            self.durability.wait(seq).await;
-            removed.map_err(failed)?;
-        } else {
-            self.durability.wait(seq).await;
+        let removed = match device {
+            Some(device) => self
+                .kernel
+                .remove_tap(&device, &mut done)
+                .await
+                .map_err(failed),
+            None => Ok(()),
+        };
+        if name.is_some() {
+            self.sweep_guard_soon();
         }
+        self.durability.wait(seq).await;
+        removed?;
         Ok(name.is_some())
     }
 

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 
 use ipnet::IpNet;
@@ -60,18 +60,33 @@ pub struct Tap {
     pub name: String,
     /// The guest NIC's MAC.
     pub mac: [u8; 6],
+    /// The VM's leased address: the only source address its frames may carry. Records written
+    /// before netd knew it have none, and their TAP passes nothing until it is created again.
+    #[serde(default)]
+    pub ip: Option<Ipv4Addr>,
 }
 
 impl Tap {
-    /// Validates a request and derives the device name and MAC.
-    pub fn validate(network: &str, vm: &str) -> Result<Tap, String> {
+    /// Validates a request and derives the device name and MAC. Where the address lies is the
+    /// caller's to check against the network.
+    pub fn validate(network: &str, vm: &str, ip: &str) -> Result<Tap, String> {
         interface_name("network", network)?;
         dns_label("vm", vm)?;
+        if ip.trim().is_empty() {
+            return Err(
+                "ip is required: the VM's leased address, the only one its TAP lets through".into(),
+            );
+        }
+        let ip = match volant_services::validate::ip("ip", ip)? {
+            IpAddr::V4(v4) => v4,
+            IpAddr::V6(v6) => return Err(format!("ip {v6} is not an IPv4 address")),
+        };
         Ok(Tap {
             vm: vm.to_string(),
             network: network.to_string(),
             name: tap_name(vm),
             mac: guest_mac(vm),
+            ip: Some(ip),
         })
     }
 }
@@ -282,10 +297,17 @@ mod tests {
     }
 
     #[test]
+    fn a_tap_recorded_before_addresses_has_none() {
+        let old = r#"{"vm":"web","network":"volant0","name":"vmtap-web","mac":[2,0,0,0,0,1]}"#;
+        let tap: Tap = serde_json::from_str(old).unwrap();
+        assert_eq!(tap.ip, None);
+    }
+
+    #[test]
     fn the_store_round_trips() {
         let dir = tempfile::tempdir().unwrap();
         let net = Network::validate("volant0", "192.168.127.0/24", "", true).unwrap();
-        let tap = Tap::validate("volant0", "web").unwrap();
+        let tap = Tap::validate("volant0", "web", "192.168.127.100").unwrap();
         let fwd = Forward {
             host_port: 8080,
             protocol: Protocol::Tcp,

@@ -78,6 +78,7 @@ fn tap_pb(t: Tap) -> pb::Tap {
         name: t.name,
         network: t.network,
         vm: t.vm,
+        ip: t.ip.map(|ip| ip.to_string()).unwrap_or_default(),
     }
 }
 
@@ -153,7 +154,7 @@ impl pb::net_server::Net for NetService {
         req: Request<pb::CreateTapRequest>,
     ) -> Result<Response<pb::CreateTapResponse>, Status> {
         let req = req.into_inner();
-        let (tap, created) = self.netd.create_tap(&req.network, &req.vm).await?;
+        let (tap, created) = self.netd.create_tap(&req.network, &req.vm, &req.ip).await?;
         Ok(Response::new(pb::CreateTapResponse {
             mac: format_mac(&tap.mac),
             tap: tap.name,

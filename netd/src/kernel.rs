@@ -1,8 +1,8 @@
 //! Converging the kernel to the desired state: bridges and addresses, TAPs, the forwarding
-//! sysctl and the iptables chains. Every function here is idempotent and reports what it
-//! changed.
+//! sysctl, the iptables chains and the TAPs' anti-spoofing rules. Every function here is
+//! idempotent and reports what it changed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::CString;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 
 use crate::desired::{Desired, Network, Tap};
 use crate::firewall::{self, Firewall, ForwardRules, NetRules, Rules};
+use crate::guard::{self, Guest};
 use crate::links::{Link, Links};
 use crate::naming::{bridge_mac, format_mac, is_tap_name};
 use crate::tap;
@@ -67,6 +68,9 @@ pub struct Kernel {
     /// RCU grace period under the RTNL lock (~15 ms here, stalling every other link change),
     /// deleting a group of them costs about the same.
     reaper: Arc<Notify>,
+    /// What the anti-spoofing table holds as netd last left it (`None`: read it anew); held
+    /// across each read and write, so that no two interleave.
+    guard: Arc<std::sync::Mutex<Option<guard::Actual>>>,
 }
 
 fn if_index(name: &str) -> Option<u32> {
@@ -116,6 +120,23 @@ pub fn rules_of(desired: &Desired) -> Rules {
     firewall::desired(&nets, &forwards)
 }
 
+/// The guests the anti-spoofing table should let through; no table at all without a network.
+pub fn guests_of(desired: &Desired) -> Option<BTreeSet<String>> {
+    if desired.networks.is_empty() {
+        return None;
+    }
+    let guests: Vec<Guest<'_>> = desired
+        .taps
+        .values()
+        .map(|t| Guest {
+            tap: &t.name,
+            mac: t.mac,
+            ip: t.ip,
+        })
+        .collect();
+    Some(guard::elements(&guests))
+}
+
 impl Kernel {
     /// Connects to netlink and finds iptables. Needs a Tokio runtime.
     pub fn connect() -> Result<Kernel, String> {
@@ -135,6 +156,7 @@ impl Kernel {
             links,
             firewall: Arc::new(Firewall::new()?),
             reaper,
+            guard: Arc::new(std::sync::Mutex::new(None)),
         })
     }
 
@@ -319,6 +341,31 @@ impl Kernel {
         Ok(())
     }
 
+    /// Makes the anti-spoofing table let exactly `guests` through, or removes it with `None`;
+    /// the entries of deleted TAPs go only with `sweep` (see [`guard::Actual::script`]). With
+    /// `fresh`, the table is read anew rather than taken as netd last left it (anything may
+    /// have changed it meanwhile).
+    pub async fn sync_guard(
+        &self,
+        guests: Option<BTreeSet<String>>,
+        fresh: bool,
+        sweep: bool,
+        done: &mut Vec<String>,
+    ) -> Result<(), String> {
+        let lock = self.guard.clone();
+        let changed = tokio::task::spawn_blocking(move || {
+            let mut known = lock.lock().unwrap_or_else(|e| e.into_inner());
+            if fresh {
+                *known = None;
+            }
+            guard::sync(&mut known, guests.as_ref(), sweep)
+        })
+        .await
+        .map_err(|e| format!("ebtables task: {e}"))??;
+        done.extend(changed);
+        Ok(())
+    }
+
     /// Turns forwarding on while there are networks, recording what it was; restores it after
     /// the last network.
     pub fn sync_forwarding(
@@ -354,6 +401,8 @@ impl Kernel {
         for net in desired.networks.values() {
             bridges.insert(net.name.clone(), self.apply_network(net, done).await?);
         }
+        self.sync_guard(guests_of(desired), true, true, done)
+            .await?;
         for t in desired.taps.values() {
             let bridge = bridges
                 .get(&t.network)
@@ -434,6 +483,28 @@ impl Kernel {
                     .map(|r| format!("-A {} {r}", firewall::PREROUTING.name)),
             )
             .collect();
+        let taps: Vec<&str> = desired
+            .taps
+            .values()
+            .filter(|t| t.network == net.name)
+            .map(|t| t.name.as_str())
+            .collect();
+        if !taps.is_empty() {
+            let lock = self.guard.clone();
+            let saved = tokio::task::spawn_blocking(move || {
+                let _one_reader = lock.lock().unwrap_or_else(|e| e.into_inner());
+                guard::read()
+            })
+            .await
+            .map_err(|e| format!("ebtables task: {e}"))??;
+            st.rules.extend(
+                saved
+                    .elements
+                    .iter()
+                    .filter(|e| taps.iter().any(|t| e.starts_with(&format!("\"{t}\" "))))
+                    .map(|e| format!("nft bridge {} guests: {e}", guard::TABLE)),
+            );
+        }
 
         let Some(bridge) = self.links.get(&net.name).await? else {
             return Ok(st);

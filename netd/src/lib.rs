@@ -5,6 +5,7 @@ pub mod control;
 pub mod desired;
 pub mod firewall;
 pub mod grpc;
+pub mod guard;
 pub mod kernel;
 pub mod links;
 pub mod naming;

@@ -569,13 +569,17 @@ pub fn try_sh(script: &str) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// `iptables-save` of a namespace without its comment lines (which carry a timestamp).
-pub fn iptables_save(ns: &Netns) -> String {
-    ns.sh("iptables-save")
+/// The firewall of a namespace: `iptables-save` without its comment lines (which carry a
+/// timestamp), then the nftables ruleset of the bridge family (netd's anti-spoofing table).
+pub fn firewall_save(ns: &Netns) -> String {
+    let mut text: String = ns
+        .sh("iptables-save")
         .lines()
         .filter(|l| !l.starts_with('#'))
         .map(|l| format!("{l}\n"))
-        .collect()
+        .collect();
+    text += &ns.sh("nft list ruleset bridge");
+    text
 }
 
 /// The host namespace and an upstream namespace behind the veth `up0`: host 10.99.0.1, upstream

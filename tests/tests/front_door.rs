@@ -668,7 +668,7 @@ async fn bad_input_gets_a_400_that_names_the_problem_at_every_endpoint() {
         "bad input changed nothing"
     );
     assert!(
-        volant_tests::iptables_save(&fd.cp.host).contains("MASQUERADE"),
+        volant_tests::firewall_save(&fd.cp.host).contains("MASQUERADE"),
         "volant0 lost its NAT"
     );
 
@@ -683,7 +683,7 @@ async fn bad_input_gets_a_400_that_names_the_problem_at_every_endpoint() {
     let (code, changed) = fd.curl("PATCH", "/networks/nn1", Some(r#"{"nat":false}"#), true);
     assert_eq!(code, 200, "{changed}");
     assert!(changed.contains(r#""nat":false"#), "{changed}");
-    assert!(!volant_tests::iptables_save(&fd.cp.host).contains("10.77.0.0/24 ! -o nn1"));
+    assert!(!volant_tests::firewall_save(&fd.cp.host).contains("10.77.0.0/24 ! -o nn1"));
     let (code, _) = fd.curl("DELETE", "/networks/nn1", None, false);
     assert_eq!(code, 204);
     assert_eq!(fd.curl("GET", "/vms", None, false).1.trim(), "[]");

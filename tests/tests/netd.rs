@@ -19,7 +19,7 @@ use volant_services::api::net::v1::{
     ListPortForwardsRequest, ListTapsRequest, Network, PortForward, ReconcileRequest,
     RemovePortForwardRequest, remove_port_forward_request,
 };
-use volant_tests::{Daemon, Netns, host_and_upstream, iptables_save};
+use volant_tests::{Daemon, Netns, firewall_save, host_and_upstream};
 
 type Client = NetClient<Channel>;
 
@@ -47,7 +47,7 @@ async fn lab() -> Lab {
     // An operator's own rules, which netd must never touch.
     host.sh("iptables -A FORWARD -s 10.98.0.0/16 -j ACCEPT && \
          iptables -t nat -A POSTROUTING -s 10.98.0.0/16 -o up0 -j MASQUERADE");
-    let pristine = (iptables_save(&host), links(&host));
+    let pristine = (firewall_save(&host), links(&host));
     let netd = Daemon::start_in(Some(&host), "netd", root.path(), &[]).await;
     let client = NetClient::new(netd.channel());
     Lab {
@@ -108,10 +108,40 @@ fn net(name: &str, subnet: &str, gateway: &str) -> EnsureNetworkRequest {
     }
 }
 
-fn tap(network: &str, vm: &str) -> CreateTapRequest {
+/// The elements of netd's anti-spoofing set: `"tap" . mac . ip`.
+fn guests(ns: &Netns) -> BTreeSet<String> {
+    let listing = ns.sh("nft list set bridge volant guests");
+    let Some((_, rest)) = listing.split_once("elements = {") else {
+        return BTreeSet::new();
+    };
+    rest.split('}')
+        .next()
+        .unwrap_or_default()
+        .split(',')
+        .map(|e| e.trim().to_string())
+        .filter(|e| !e.is_empty())
+        .collect()
+}
+
+/// Waits (up to 5 s) until the anti-spoofing set is `want`: a deleted TAP's entry goes right
+/// after its delete is answered.
+async fn until_guests(ns: &Netns, want: BTreeSet<String>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while guests(ns) != want {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "guests {:?}, want {want:?}",
+            guests(ns)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn tap(network: &str, vm: &str, ip: &str) -> CreateTapRequest {
     CreateTapRequest {
         network: network.into(),
         vm: vm.into(),
+        ip: ip.into(),
     }
 }
 
@@ -152,6 +182,19 @@ COMMIT
 -A POSTROUTING -s 10.98.0.0/16 -o up0 -j MASQUERADE
 -A VOLANT-POSTROUTING -s 192.168.127.0/24 ! -o volant0 -j MASQUERADE
 COMMIT
+table bridge volant {
+	set guests {
+		type ifname . ether_addr . ipv4_addr
+	}
+
+	chain guard {
+		type filter hook prerouting priority dstnat; policy accept;
+		iifname != \"vmtap*\" accept
+		iifname . ether saddr . ip saddr @guests accept
+		arp htype 1 arp ptype ip arp hlen 6 arp plen 4 iifname . ether saddr . arp saddr ip @guests iifname . arp saddr ether . arp saddr ip @guests accept
+		drop
+	}
+}
 ";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,7 +205,7 @@ async fn the_default_network_comes_up_as_the_guide_sets_it_up_and_survives_resta
     let link = lab.host.sh("ip -o link show volant0");
     assert!(link.contains(",UP") || link.contains("<UP"), "{link}");
     assert_eq!(lab.host.sh("cat /proc/sys/net/ipv4/ip_forward").trim(), "1");
-    assert_eq!(iptables_save(&lab.host), DEFAULT_RULES);
+    assert_eq!(firewall_save(&lab.host), DEFAULT_RULES);
 
     let status = lab
         .client
@@ -182,7 +225,7 @@ async fn the_default_network_comes_up_as_the_guide_sets_it_up_and_survives_resta
 
     for i in 0..10 {
         lab.restart(i % 2 == 1).await;
-        assert_eq!(iptables_save(&lab.host), DEFAULT_RULES, "after restart {i}");
+        assert_eq!(firewall_save(&lab.host), DEFAULT_RULES, "after restart {i}");
     }
     assert_eq!(
         lab.reconcile().await,
@@ -195,13 +238,13 @@ async fn the_default_network_comes_up_as_the_guide_sets_it_up_and_survives_resta
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn taps_are_persistent_vnet_hdr_taps_on_the_bridge_and_touch_no_rule() {
     let mut lab = lab().await;
-    let rules = iptables_save(&lab.host);
+    let rules = firewall_save(&lab.host);
     let long_vm = "a-very-long-vm-name-that-broke-flintlock";
     let mut names = Vec::new();
-    for vm in ["web", long_vm] {
+    for (vm, ip) in [("web", "192.168.127.100"), (long_vm, "192.168.127.101")] {
         let reply = lab
             .client
-            .create_tap(tap("volant0", vm))
+            .create_tap(tap("volant0", vm, ip))
             .await
             .unwrap()
             .into_inner();
@@ -231,7 +274,7 @@ async fn taps_are_persistent_vnet_hdr_taps_on_the_bridge_and_touch_no_rule() {
         );
         let again = lab
             .client
-            .create_tap(tap("volant0", vm))
+            .create_tap(tap("volant0", vm, ip))
             .await
             .unwrap()
             .into_inner();
@@ -247,7 +290,7 @@ async fn taps_are_persistent_vnet_hdr_taps_on_the_bridge_and_touch_no_rule() {
     let digits = names[1].strip_prefix("vmtap_").expect("hashed").to_string();
     let other = lab
         .client
-        .create_tap(tap("volant0", &digits))
+        .create_tap(tap("volant0", &digits, "192.168.127.102"))
         .await
         .unwrap()
         .into_inner();
@@ -327,14 +370,16 @@ async fn taps_are_persistent_vnet_hdr_taps_on_the_bridge_and_touch_no_rule() {
         assert!(!del.into_inner().deleted, "idempotent");
     }
     // Deleted TAPs leave netd's records at once and the devices go in the reaper's next batch
-    // (within a fraction of a second), which a reconciliation runs straight away.
+    // (within a fraction of a second), which a reconciliation runs straight away; their
+    // entries in the anti-spoofing set go right after the answer.
+    until_guests(&lab.host, BTreeSet::new()).await;
     assert_eq!(lab.reconcile().await, Vec::<String>::new());
     assert!(!links(&lab.host).iter().any(|l| l.starts_with("vmtap-")));
-    assert_eq!(iptables_save(&lab.host), rules, "TAPs touched iptables");
+    assert_eq!(firewall_save(&lab.host), rules, "TAPs touched iptables");
 
     let err = lab
         .client
-        .create_tap(tap("nonet", "web"))
+        .create_tap(tap("nonet", "web", "192.168.127.100"))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
@@ -378,7 +423,7 @@ async fn traffic_flows_where_it_should_and_nowhere_else() {
     );
 
     // Upstream → host port → VM, and the host itself through the same forward.
-    let before = iptables_save(&lab.host);
+    let before = firewall_save(&lab.host);
     let reply = lab
         .client
         .add_port_forward(forward(8080, "tcp", "192.168.127.100", 80))
@@ -476,7 +521,7 @@ async fn traffic_flows_where_it_should_and_nowhere_else() {
         .into_inner()
         .removed;
     assert_eq!(removed.len(), 1);
-    assert_eq!(iptables_save(&lab.host), before, "removal is exact");
+    assert_eq!(firewall_save(&lab.host), before, "removal is exact");
     assert!(lab.up.fetch("10.99.0.1:8080").is_err());
     lab.restart(true).await;
     assert_eq!(
@@ -490,6 +535,11 @@ async fn traffic_flows_where_it_should_and_nowhere_else() {
 async fn kill_9_in_the_middle_of_calls_converges_on_restart() {
     let mut lab = lab().await;
     for round in 0..3 {
+        // The TAPs go on a network of their own, with room for every address they lease.
+        lab.client
+            .ensure_network(net("vbig", "10.200.0.0/16", ""))
+            .await
+            .unwrap();
         let mut tasks = Vec::new();
         let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         for w in 0..4 {
@@ -499,7 +549,8 @@ async fn kill_9_in_the_middle_of_calls_converges_on_restart() {
                 let mut acked = Vec::new();
                 for i in 0.. {
                     let vm = format!("r{round}w{w}n{i}");
-                    if c.create_tap(tap("volant0", &vm)).await.is_err() {
+                    let ip = format!("10.200.{}.{}", (round * 4 + w) * 16 + i / 250, 2 + i % 250);
+                    if c.create_tap(tap("vbig", &vm, &ip)).await.is_err() {
                         break;
                     }
                     acked.push(vm);
@@ -544,16 +595,20 @@ async fn kill_9_in_the_middle_of_calls_converges_on_restart() {
         lab.netd.restart().await;
         lab.client = NetClient::new(lab.netd.channel());
 
-        let listed: BTreeSet<String> = lab
+        let taps = lab
             .client
             .list_taps(ListTapsRequest::default())
             .await
             .unwrap()
             .into_inner()
-            .taps
-            .into_iter()
-            .map(|t| t.name)
+            .taps;
+        let listed: BTreeSet<String> = taps.iter().map(|t| t.name.clone()).collect();
+        // Exactly the recorded TAPs pass, each with its own MAC and address.
+        let passing: BTreeSet<String> = taps
+            .iter()
+            .map(|t| format!("\"{}\" . {} . {}", t.name, t.mac, t.ip))
             .collect();
+        assert_eq!(guests(&lab.host), passing, "round {round}");
         let devices: BTreeSet<String> = links(&lab.host)
             .into_iter()
             .filter(|l| l.starts_with("vmtap-"))
@@ -566,7 +621,7 @@ async fn kill_9_in_the_middle_of_calls_converges_on_restart() {
             let name = format!("vmtap-{vm}");
             assert!(devices.contains(&name), "acknowledged {name} lost");
             let details = lab.host.sh(&format!("ip -d link show {name}"));
-            assert!(details.contains("master volant0"), "{details}");
+            assert!(details.contains("master vbig"), "{details}");
         }
         // A network whose create or delete was cut off may or may not exist, but the bridges
         // are exactly the networks netd reports, and deleting them leaves the default rules.
@@ -592,19 +647,22 @@ async fn kill_9_in_the_middle_of_calls_converges_on_restart() {
             let req = DeleteNetworkRequest { name, force: true };
             lab.client.delete_network(req).await.unwrap();
         }
-        assert_eq!(iptables_save(&lab.host), DEFAULT_RULES, "round {round}");
+        assert_eq!(firewall_save(&lab.host), DEFAULT_RULES, "round {round}");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_networks_leaves_nothing_behind() {
     let mut lab = lab().await;
-    let with_default = (iptables_save(&lab.host), links(&lab.host));
+    let with_default = (firewall_save(&lab.host), links(&lab.host));
     lab.client
         .ensure_network(net("volant1", "192.168.128.0/24", "192.168.128.254"))
         .await
         .unwrap();
-    lab.client.create_tap(tap("volant1", "db")).await.unwrap();
+    lab.client
+        .create_tap(tap("volant1", "db", "192.168.128.100"))
+        .await
+        .unwrap();
     lab.client
         .add_port_forward(forward(5432, "udp", "192.168.128.100", 5432))
         .await
@@ -632,7 +690,7 @@ async fn deleting_networks_leaves_nothing_behind() {
         .into_inner()
         .deleted;
     assert!(deleted);
-    assert_eq!((iptables_save(&lab.host), links(&lab.host)), with_default);
+    assert_eq!((firewall_save(&lab.host), links(&lab.host)), with_default);
 
     let err = lab
         .client
@@ -654,7 +712,7 @@ async fn deleting_networks_leaves_nothing_behind() {
         })
         .await
         .unwrap();
-    assert_eq!((iptables_save(&lab.host), links(&lab.host)), lab.pristine);
+    assert_eq!((firewall_save(&lab.host), links(&lab.host)), lab.pristine);
     assert_eq!(
         lab.host.sh("cat /proc/sys/net/ipv4/ip_forward").trim(),
         "0",
@@ -676,12 +734,15 @@ async fn deleting_networks_leaves_nothing_behind() {
 async fn bad_input_is_refused_with_a_reason_and_changes_nothing() {
     let mut lab = lab().await;
     lab.host.sh("ip route add 10.50.0.0/16 dev up0");
-    lab.client.create_tap(tap("volant0", "web")).await.unwrap();
+    lab.client
+        .create_tap(tap("volant0", "web", "192.168.127.100"))
+        .await
+        .unwrap();
     lab.client
         .add_port_forward(forward(8080, "tcp", "192.168.127.100", 80))
         .await
         .unwrap();
-    let snapshot = |lab: &Lab| (iptables_save(&lab.host), links(&lab.host));
+    let snapshot = |lab: &Lab| (firewall_save(&lab.host), links(&lab.host));
     let before = snapshot(&lab);
     let nets_before = lab
         .client
@@ -753,14 +814,49 @@ async fn bad_input_is_refused_with_a_reason_and_changes_nothing() {
         assert_eq!(err.code(), code, "{req:?}: {err:?}");
         assert!(err.message().contains(why), "{req:?}: {}", err.message());
     }
+    let ok = "192.168.127.101";
     let taps = [
-        (tap("nonet", "db"), Code::NotFound, "does not exist"),
-        (tap("volant0", "DB"), Code::InvalidArgument, "vm \"DB\""),
-        (tap("volant0", ""), Code::InvalidArgument, "vm is required"),
+        (tap("nonet", "db", ok), Code::NotFound, "does not exist"),
+        (tap("volant0", "DB", ok), Code::InvalidArgument, "vm \"DB\""),
         (
-            tap("bad net", "db"),
+            tap("volant0", "", ok),
+            Code::InvalidArgument,
+            "vm is required",
+        ),
+        (
+            tap("bad net", "db", ok),
             Code::InvalidArgument,
             "network \"bad net\"",
+        ),
+        (
+            tap("volant0", "db", ""),
+            Code::InvalidArgument,
+            "ip is required",
+        ),
+        (
+            tap("volant0", "db", "fd00::5"),
+            Code::InvalidArgument,
+            "not an IPv4 address",
+        ),
+        (
+            tap("volant0", "db", "10.7.0.1"),
+            Code::InvalidArgument,
+            "outside the subnet 192.168.127.0/24",
+        ),
+        (
+            tap("volant0", "db", "192.168.127.1"),
+            Code::InvalidArgument,
+            "gateway",
+        ),
+        (
+            tap("volant0", "db", "192.168.127.255"),
+            Code::InvalidArgument,
+            "broadcast",
+        ),
+        (
+            tap("volant0", "db", "192.168.127.100"),
+            Code::AlreadyExists,
+            "held by vm \"web\"",
         ),
     ];
     for (req, code, why) in taps {
@@ -884,4 +980,125 @@ async fn bad_input_is_refused_with_a_reason_and_changes_nothing() {
         .len();
     assert_eq!(nets_after, nets_before);
     assert_eq!(lab.reconcile().await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_sends_only_from_its_own_mac_and_leased_address() {
+    let mut lab = lab().await;
+    let victim = lab.vm("victim", "volant0", "192.168.127.100", "192.168.127.1");
+    victim.serve("0.0.0.0:80", "victim");
+    lab.up.serve("0.0.0.0:80", "up");
+    let reply = lab
+        .client
+        .create_tap(tap("volant0", "mallory", "192.168.127.101"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.tap, "vmtap-mallory");
+    let mac = reply.mac;
+    // A guest with root: a real network stack behind a veth that takes the TAP's place (the
+    // guard knows a TAP by its name), free to set any address and MAC.
+    let mallory = Netns::new("mallory");
+    let swap_in = |lab: &Lab| {
+        lab.host.sh(&format!(
+            "ip link del vmtap-mallory 2>/dev/null; \
+             ip link add vmtap-mallory type veth peer name eth0 netns {} && \
+             ip link set vmtap-mallory master volant0 up",
+            mallory.name
+        ));
+    };
+    let act_as = |mac: &str, ip: &str| {
+        mallory.sh(&format!(
+            "ip link set eth0 down && ip link set eth0 address {mac} && ip addr flush dev eth0 \
+             && ip addr add {ip}/24 dev eth0 && ip link set eth0 up && \
+             ip route replace default via 192.168.127.1"
+        ));
+    };
+    swap_in(&lab);
+
+    // Honest: its own MAC and lease reach the gateway, the other VM and the upstream.
+    act_as(&mac, "192.168.127.101");
+    assert_eq!(
+        mallory.fetch("192.168.127.100:80").unwrap(),
+        "victim sees 192.168.127.101"
+    );
+    assert_eq!(mallory.fetch("10.99.0.2:80").unwrap(), "up sees 10.99.0.1");
+
+    // Another VM's address, an address nobody leased, the gateway's: nothing gets through,
+    // and the host never learns the thief's MAC for the victim's address.
+    let spoofs = [
+        (mac.as_str(), "192.168.127.100"),
+        (mac.as_str(), "192.168.127.150"),
+        ("02:66:66:66:66:66", "192.168.127.101"),
+        ("02:66:66:66:66:66", "192.168.127.150"),
+    ];
+    for (m, ip) in spoofs {
+        act_as(m, ip);
+        assert!(
+            mallory.fetch("10.99.0.2:80").is_err(),
+            "{m} {ip} reached the upstream"
+        );
+        assert!(
+            mallory.fetch("192.168.127.100:80").is_err() || ip == "192.168.127.100",
+            "{m} {ip} reached the victim"
+        );
+        let (_, neigh) = lab.host.try_sh("ip neigh show 192.168.127.100");
+        assert!(
+            !neigh.contains(m),
+            "the host learnt {m} for the victim: {neigh}"
+        );
+    }
+    assert_eq!(
+        lab.host.fetch("192.168.127.100:80").unwrap(),
+        "victim sees 192.168.127.1",
+        "the victim's address still leads to the victim"
+    );
+    // IPv6 (the bridge's link-local address) gets nothing from it either.
+    act_as(&mac, "192.168.127.101");
+    let bridge_ll = lab
+        .host
+        .sh("ip -6 -o addr show dev volant0 scope link | awk '{print $4}' | cut -d/ -f1");
+    if !bridge_ll.trim().is_empty() {
+        let (reached, out) =
+            mallory.try_sh(&format!("ping -6 -c 2 -W 1 {}%eth0", bridge_ll.trim()));
+        assert!(!reached, "IPv6 from a TAP reached the host: {out}");
+    }
+
+    // Without the guard the same spoof goes through: the test bites.
+    lab.host.sh("nft delete table bridge volant");
+    act_as(&mac, "192.168.127.150");
+    assert_eq!(mallory.fetch("10.99.0.2:80").unwrap(), "up sees 10.99.0.1");
+    // Reconciliation (and a restart after kill -9) puts it back.
+    lab.host.sh("ip link del vmtap-mallory");
+    let repaired = lab.reconcile().await;
+    assert!(repaired.iter().any(|a| a.contains("nft")), "{repaired:?}");
+    assert_eq!(lab.reconcile().await, Vec::<String>::new(), "converged");
+    lab.restart(true).await;
+    swap_in(&lab);
+    act_as(&mac, "192.168.127.150");
+    assert!(
+        mallory.fetch("10.99.0.2:80").is_err(),
+        "spoofing after repair"
+    );
+    act_as(&mac, "192.168.127.101");
+    assert_eq!(mallory.fetch("10.99.0.2:80").unwrap(), "up sees 10.99.0.1");
+
+    // The VM's next lease replaces its last one; its delete takes its entry with it.
+    lab.host.sh("ip link del vmtap-mallory");
+    lab.client
+        .create_tap(tap("volant0", "mallory", "192.168.127.102"))
+        .await
+        .unwrap();
+    let entry = |ip: &str| format!("\"vmtap-mallory\" . {mac} . {ip}");
+    assert_eq!(
+        guests(&lab.host),
+        BTreeSet::from([entry("192.168.127.102")])
+    );
+    lab.client
+        .delete_tap(DeleteTapRequest {
+            vm: "mallory".into(),
+        })
+        .await
+        .unwrap();
+    until_guests(&lab.host, BTreeSet::new()).await;
 }

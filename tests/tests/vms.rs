@@ -16,7 +16,7 @@ use volant_services::api::vmm::v1::{
     CreateVmRequest, DeleteVmRequest, GetVmRequest, InstallPluginRequest, ListVmsRequest,
     StartVmRequest, StopVmRequest, Vm, VmStatus, WatchEventsRequest,
 };
-use volant_tests::{ControlPlane, hello_manifest, iptables_save, ready};
+use volant_tests::{ControlPlane, firewall_save, hello_manifest, ready};
 
 type Vmm = VmmClient<Channel>;
 
@@ -103,7 +103,23 @@ async fn vms_boot_on_the_bridge_talk_and_leave_nothing_behind() {
         })
         .await
         .unwrap();
-    let rules_before_vms = iptables_save(&cp.host);
+    let rules_before_vms = firewall_save(&cp.host);
+    // A guest with root that moves itself to an address it did not lease.
+    let spoofer = hello_manifest()
+        .replace("\"hello\"", "\"spoofer\"")
+        .replace(
+            "\"entrypoint\": [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"80\", \"-h\", \"/srv/www\"]",
+            "\"entrypoint\": [\"/bin/busybox\", \"sh\", \"-c\", \"busybox ip addr flush dev eth0; \
+             busybox ip addr add 192.168.127.200/24 dev eth0; \
+             busybox ip route add default via 192.168.127.1; \
+             exec busybox httpd -f -p 80 -h /srv/www\"]",
+        );
+    assert!(spoofer.contains("192.168.127.200"), "{spoofer}");
+    vmm.install_plugin(InstallPluginRequest {
+        manifest_json: spoofer,
+    })
+    .await
+    .unwrap();
 
     // Three guests: two on volant0, one with a fixed address on volant1.
     let a = vmm
@@ -132,6 +148,17 @@ async fn vms_boot_on_the_bridge_talk_and_leave_nothing_behind() {
         ("192.168.127.100", "192.168.127.101")
     );
     assert_eq!(d.ip_address, "192.168.128.50");
+    let s = vmm
+        .create_vm(CreateVmRequest {
+            plugin: "spoofer".into(),
+            ..create("s", "", "")
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .vm
+        .unwrap();
+    assert_eq!(s.ip_address, "192.168.127.102");
     for vm in [&a, &b, &d] {
         assert_eq!(vm.status, VmStatus::Booting as i32, "{vm:?}");
         assert!(alive(vm.pid), "{} has no hypervisor", vm.name);
@@ -146,12 +173,60 @@ async fn vms_boot_on_the_bridge_talk_and_leave_nothing_behind() {
     let boots = tokio::join!(
         ready(cp.vmm(), "a".into(), limit),
         ready(cp.vmm(), "b".into(), limit),
-        ready(cp.vmm(), "d".into(), limit)
+        ready(cp.vmm(), "d".into(), limit),
+        ready(cp.vmm(), "s".into(), limit)
     );
-    for boot in [&boots.0, &boots.1, &boots.2] {
+    for boot in [&boots.0, &boots.1, &boots.2, &boots.3] {
         boot.as_ref().unwrap();
     }
-    println!("boot to kestrel ready (three at once): {boots:?}");
+    println!("boot to kestrel ready (four at once): {boots:?}");
+
+    // The spoofer is on 192.168.127.200 (seen with netd's anti-spoofing table removed), and
+    // with the table back nothing it sends from there reaches the host or another VM.
+    cp.host.sh("nft delete table bridge volant");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match cp.host.http_get("192.168.127.200:80", "/cgi-bin/whoami") {
+            Ok((200, body)) if body.trim() == "s" => break,
+            other => assert!(
+                std::time::Instant::now() < deadline,
+                "the spoofer never came up on .200: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let repaired = cp
+        .net()
+        .reconcile(volant_services::api::net::v1::ReconcileRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .actions;
+    assert!(repaired.iter().any(|a| a.contains("nft")), "{repaired:?}");
+    let reached = cp.host.http_get("192.168.127.200:80", "/cgi-bin/whoami");
+    assert!(
+        reached.is_err(),
+        "the host reached the spoofer: {reached:?}"
+    );
+    assert!(
+        page(
+            &cp,
+            "192.168.127.100",
+            "/cgi-bin/fetch?http://192.168.127.200/cgi-bin/whoami"
+        )
+        .ends_with("fetch failed"),
+        "VM a reached the spoofer"
+    );
+    let gone = vmm
+        .delete_vm(DeleteVmRequest {
+            name: "s".into(),
+            force: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .deleted;
+    assert!(gone);
 
     // The host reaches every guest; the guests reach each other on one bridge, and the
     // upstream through NAT; the networks do not reach each other.
@@ -407,7 +482,7 @@ async fn vms_boot_on_the_bridge_talk_and_leave_nothing_behind() {
         .unwrap();
     let links = cp.host.sh("ip -o link show");
     assert!(!links.contains("vmtap-"), "{links}");
-    assert_eq!(iptables_save(&cp.host), rules_before_vms, "no stray rule");
+    assert_eq!(firewall_save(&cp.host), rules_before_vms, "no stray rule");
     assert!(
         vmm.list_vms(ListVmsRequest {})
             .await

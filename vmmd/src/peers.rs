@@ -170,8 +170,14 @@ impl Peers {
             .collect())
     }
 
-    /// Creates (or confirms) `vm`'s TAP on `network`: its name and the guest's MAC.
-    pub async fn create_tap(&self, network: &str, vm: &str) -> Result<(String, String), Status> {
+    /// Creates (or confirms) `vm`'s TAP on `network` for its leased address `ip`: its name and
+    /// the guest's MAC.
+    pub async fn create_tap(
+        &self,
+        network: &str,
+        vm: &str,
+        ip: IpAddr,
+    ) -> Result<(String, String), Status> {
         let reply = self
             .net
             .clone()
@@ -179,6 +185,7 @@ impl Peers {
                 net::CreateTapRequest {
                     network: network.into(),
                     vm: vm.into(),
+                    ip: ip.to_string(),
                 },
                 vm,
             ))

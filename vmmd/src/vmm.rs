@@ -637,7 +637,7 @@ impl Vmm {
                 })?;
             let (tap, mac) = self
                 .peers
-                .create_tap(&rec.network, name)
+                .create_tap(&rec.network, name, lease.ip)
                 .instrument(
                     tracing::info_span!("netd.create_tap", vm = %name, network = %rec.network),
                 )
