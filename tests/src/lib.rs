@@ -121,6 +121,18 @@ pub fn hello_manifest() -> String {
     )
 }
 
+/// A field of `/proc/<pid>/status` (`Seccomp`, `NoNewPrivs`, `CapEff`, `Uid`, …), trimmed.
+pub fn proc_status(pid: i64, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
 /// The live processes (not zombies) one of whose arguments contains `needle`, with their
 /// arguments.
 pub fn processes_by_arg(needle: &str) -> Vec<(i32, Vec<String>)> {

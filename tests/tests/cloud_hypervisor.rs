@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio_stream::StreamExt as _;
 use volant_services::api::vmm::v1::{VmStatus, WatchEventsRequest};
-use volant_tests::{ControlPlane, Daemon, cloud_hypervisor_or_skip, host_and_upstream, stub};
+use volant_tests::{
+    ControlPlane, Daemon, cloud_hypervisor_or_skip, host_and_upstream, proc_status, stub,
+};
 
 fn manifest(name: &str, kernel: &Path, initramfs: &Path, mode: &str) -> String {
     serde_json::json!({
@@ -149,6 +151,24 @@ async fn the_lifecycle_through_the_rest_api() {
     assert_eq!(vm["hypervisor"], "cloud-hypervisor");
     let vm = lab.until("c1", "running").await;
     assert_eq!(vm["ip_address"], "192.168.127.100");
+    // Cloud Hypervisor's own seccomp filters are on (it installs one per thread: every thread
+    // but the main one, which only waits for the VMM thread), and it can gain no privileges.
+    let pid = vm["pid"].as_i64().unwrap();
+    assert_eq!(proc_status(pid, "NoNewPrivs"), "1");
+    let threads: Vec<(String, String)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| {
+            let tid = t.ok()?.file_name().to_str()?.to_string();
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok()?;
+            let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+            let seccomp = status.lines().find_map(|l| l.strip_prefix("Seccomp:"))?;
+            (tid != pid.to_string()).then(|| (comm.trim().into(), seccomp.trim().into()))
+        })
+        .collect();
+    assert!(
+        threads.iter().any(|(comm, _)| comm == "vmm") && threads.iter().all(|(_, s)| s == "2"),
+        "{threads:?}"
+    );
 
     // The stub ignores the power button: the stop is forced after the stop timeout.
     let (code, vm) = lab.rest("POST", "/vms/c1/stop", None);

@@ -16,7 +16,7 @@ use volant_services::api::vmm::v1::{
     CreateVmRequest, DeleteVmRequest, GetVmRequest, InstallPluginRequest, ListVmsRequest,
     StartVmRequest, StopVmRequest, Vm, VmStatus, WatchEventsRequest,
 };
-use volant_tests::{ControlPlane, firewall_save, hello_manifest, ready};
+use volant_tests::{ControlPlane, firewall_save, hello_manifest, proc_status, ready};
 
 type Vmm = VmmClient<Channel>;
 
@@ -180,6 +180,11 @@ async fn vms_boot_on_the_bridge_talk_and_leave_nothing_behind() {
         boot.as_ref().unwrap();
     }
     println!("boot to kestrel ready (four at once): {boots:?}");
+    // Every hypervisor runs under its seccomp filter and can gain no privileges.
+    for vm in [&a, &b, &d, &s] {
+        assert_eq!(proc_status(vm.pid, "Seccomp"), "2", "{}", vm.name);
+        assert_eq!(proc_status(vm.pid, "NoNewPrivs"), "1", "{}", vm.name);
+    }
 
     // The spoofer is on 192.168.127.200 (seen with netd's anti-spoofing table removed), and
     // with the table back nothing it sends from there reaches the host or another VM.

@@ -74,7 +74,8 @@ pub trait Driver: Send + Sync {
 }
 
 /// Spawns a hypervisor process: its own session (signals to vmmd do not reach it, and it
-/// survives vmmd), stdout and stderr appended to `log`.
+/// survives vmmd), `no_new_privs` (nothing it executes can gain privileges: no setuid or file
+/// capabilities), stdout and stderr appended to `log`.
 pub fn spawn(
     binary: &Path,
     args: &[String],
@@ -96,10 +97,13 @@ pub fn spawn(
         .stdout(out)
         .stderr(err)
         .kill_on_drop(false);
-    // SAFETY: setsid is async-signal-safe.
+    // SAFETY: setsid and prctl are async-signal-safe system calls.
     unsafe {
         cmd.pre_exec(|| {
             libc::setsid();
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             Ok(())
         });
     }

@@ -63,6 +63,9 @@ impl Qemu {
     }
 }
 
+/// QEMU's `-sandbox` setting.
+const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 /// QEMU's arguments for `spec`.
 pub fn args(spec: &LaunchSpec<'_>) -> Vec<String> {
     let mut a: Vec<String> = vec![
@@ -95,6 +98,10 @@ pub fn args(spec: &LaunchSpec<'_>) -> Vec<String> {
         "-nodefaults".into(),
         "-no-user-config".into(),
         "-no-reboot".into(),
+        // QEMU's seccomp filter: no obsolete system calls, no change of identity, no new
+        // processes, no changes to scheduling or CPU affinity.
+        "-sandbox".into(),
+        SANDBOX.into(),
         "-display".into(),
         "none".into(),
         "-monitor".into(),
@@ -249,7 +256,8 @@ mod tests {
         let a = args(&spec).join(" ");
         for want in [
             "-accel tcg,tb-size=64 -machine pc -smp 2 -m 256M",
-            "-no-reboot -display none",
+            "-no-reboot -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,\
+             resourcecontrol=deny -display none",
             "-kernel /k -initrd /i -append console=ttyS0 volant.ip=192.168.127.100/24",
             "file,id=serial0,path=/var/lib/volant/vmmd/vms/web/serial.log,append=on",
             "-qmp unix:/run/volant/vmm-web.sock,server=on,wait=off",
