@@ -112,9 +112,14 @@ async fn vms_boot_on_the_bridge_talk_and_leave_nothing_behind() {
             "\"entrypoint\": [\"/bin/busybox\", \"sh\", \"-c\", \"busybox ip addr flush dev eth0; \
              busybox ip addr add 192.168.127.200/24 dev eth0; \
              busybox ip route add default via 192.168.127.1; \
+             echo $SECRET > /srv/www/secret; \
              exec busybox httpd -f -p 80 -h /srv/www\"]",
-        );
-    assert!(spoofer.contains("192.168.127.200"), "{spoofer}");
+        )
+        .replace("\"env\": {}", "\"env\": {\"SECRET\": \"only-the-guest-sees-this\"}");
+    assert!(
+        spoofer.contains("192.168.127.200") && spoofer.contains("only-the-guest"),
+        "{spoofer}"
+    );
     vmm.install_plugin(InstallPluginRequest {
         manifest_json: spoofer,
     })
@@ -200,6 +205,23 @@ async fn vms_boot_on_the_bridge_talk_and_leave_nothing_behind() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // Its env reached the workload (through the initramfs), and no command line holds it: not
+    // the hypervisor's, which any local user reads, nor the one the VM's record shows.
+    assert_eq!(
+        page(&cp, "192.168.127.200", "/secret"),
+        "only-the-guest-sees-this"
+    );
+    let argv = std::fs::read(format!("/proc/{}/cmdline", s.pid)).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&argv).contains("only-the-guest"),
+        "the env is on the hypervisor's command line"
+    );
+    assert!(
+        !get(&mut vmm, "s")
+            .await
+            .kernel_cmdline
+            .contains("volant.workload")
+    );
     let repaired = cp
         .net()
         .reconcile(volant_services::api::net::v1::ReconcileRequest {})

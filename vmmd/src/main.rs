@@ -4,6 +4,7 @@ mod accel;
 mod driver;
 mod grpc;
 mod guest;
+mod initramfs;
 mod logs;
 mod manifest;
 mod peers;

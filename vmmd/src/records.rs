@@ -130,6 +130,8 @@ pub struct Paths {
     pub serial: PathBuf,
     /// The hypervisor's own output.
     pub hypervisor_log: PathBuf,
+    /// The initramfs it boots: the plugin's with the workload appended.
+    pub initramfs: PathBuf,
     /// The hypervisor's control socket (QMP or Cloud Hypervisor's API).
     pub api_socket: PathBuf,
     /// The lock file Cloud Hypervisor keeps beside its API socket.
@@ -146,6 +148,7 @@ impl Paths {
         Paths {
             serial: dir.join("serial.log"),
             hypervisor_log: dir.join("hypervisor.log"),
+            initramfs: dir.join("initramfs"),
             api_socket: run_dir.join(format!("vmm-{name}.sock")),
             api_lock: run_dir.join(format!("vmm-{name}.sock.lock")),
             vhost_socket: run_dir.join(format!("vhost-vsock-{name}.sock")),

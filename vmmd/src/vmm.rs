@@ -12,7 +12,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use base64::Engine as _;
 use tokio::sync::{broadcast, watch};
 use tonic::{Code, Status};
 use tracing::Instrument;
@@ -25,6 +24,7 @@ use crate::driver::cloud_hypervisor::CloudHypervisor;
 use crate::driver::qemu::Qemu;
 use crate::driver::{Driver, LaunchSpec, Nic, Vsock};
 use crate::guest;
+use crate::initramfs;
 use crate::manifest::{Hypervisor, Manifest, Mode};
 use crate::peers::Peers;
 use crate::process;
@@ -160,8 +160,8 @@ pub fn vm_pb(r: &VmRecord) -> pb::Vm {
     }
 }
 
-/// The workload as kestrel reads it from `volant.workload`.
-fn workload_param(m: &Manifest) -> String {
+/// The workload as kestrel reads it from `/etc/volant/workload.json`.
+fn workload_json(m: &Manifest) -> Vec<u8> {
     let mut w = serde_json::json!({ "entrypoint": m.workload.entrypoint });
     if !m.workload.env.is_empty() {
         w["env"] = serde_json::json!(m.workload.env);
@@ -172,7 +172,7 @@ fn workload_param(m: &Manifest) -> String {
     if let Some(port) = m.workload.http_port() {
         w["http_port"] = port.into();
     }
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(w.to_string())
+    w.to_string().into_bytes()
 }
 
 fn netmask(prefix: u8) -> std::net::Ipv4Addr {
@@ -215,12 +215,11 @@ pub fn cmdline(r: &VmRecord, dns: &[IpAddr]) -> Result<String, String> {
         let port = m.networking.proxy.as_ref().map_or(8080, |p| p.port);
         parts.push(format!("volant.vsock_port={port} volant.egress_port=3128"));
     }
-    parts.push(format!("volant.workload={}", workload_param(m)));
     let line = parts.join(" ");
     if line.len() >= CMDLINE_MAX {
         return Err(format!(
-            "the kernel command line would be {} bytes; the limit is {}: shorten the workload's \
-             entrypoint and env, or bake them into the image as /etc/volant/workload.json",
+            "the kernel command line would be {} bytes; the limit is {}: shorten boot.cmdline or \
+             kernel_cmdline",
             line.len(),
             CMDLINE_MAX - 1
         ));
@@ -703,6 +702,18 @@ impl Vmm {
         std::fs::create_dir_all(&paths.dir)
             .map_err(|e| Status::internal(format!("creating {}: {e}", paths.dir.display())))?;
         guest::rotate(&paths);
+        let (base, workload, composed) = (
+            rec.manifest.boot.initramfs.clone(),
+            workload_json(&rec.manifest),
+            paths.initramfs.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            initramfs::compose(base.as_ref(), &workload, &composed)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("initramfs task: {e}")))?
+        .map_err(Status::failed_precondition)?;
+        let initramfs = paths.initramfs.display().to_string();
         let (_, seq) = self.update(name, |r| {
             r.kernel_cmdline = line.clone();
             r.accel = accel.clone();
@@ -711,7 +722,7 @@ impl Vmm {
         let spec = LaunchSpec {
             name,
             kernel: &rec.manifest.boot.kernel,
-            initramfs: &rec.manifest.boot.initramfs,
+            initramfs: &initramfs,
             cmdline: &line,
             cpus: rec.cpu_cores,
             memory_mb: rec.memory_mb,
