@@ -144,6 +144,12 @@ pub struct VmmdConfig {
     /// How often vmmd compares its VMs with the leases, TAPs and routes of the peers and
     /// removes what no VM holds; also soon after a peer was unreachable [default: 30, ≥ 1].
     pub reconcile_interval_secs: Option<u64>,
+    /// The cgroup subtree, under vmmd's own cgroup, that holds a cgroup per VM with its CPU,
+    /// memory and process limits [default: volant-vms].
+    pub cgroup: Option<String>,
+    /// Whether VMs run under those limits; `false` runs them unlimited, for hosts where vmmd
+    /// cannot create cgroups [default: true].
+    pub resource_limits: Option<bool>,
 }
 
 /// The gateway's section: where it listens and how it locks its doors.

@@ -264,10 +264,14 @@ impl Daemon {
             .open(&self.log)
             .expect("log file");
         let mut cmd = match &self.netns {
-            // `ip netns exec` execs the binary, so the child's pid is the daemon's.
+            // nsenter execs the binary, so the child's pid is the daemon's; unlike `ip netns
+            // exec` it leaves the mounts alone (a fresh /sys would hide the cgroup hierarchies
+            // vmmd puts VMs in).
             Some(ns) => {
-                let mut cmd = Command::new("ip");
-                cmd.args(["netns", "exec", ns]).arg(bin(&self.name));
+                let mut cmd = Command::new("nsenter");
+                cmd.arg(format!("--net=/run/netns/{ns}"))
+                    .arg("--")
+                    .arg(bin(&self.name));
                 cmd
             }
             None => Command::new(bin(&self.name)),
@@ -660,8 +664,9 @@ impl ControlPlane {
         std::fs::write(
             &config,
             format!(
-                "vmmd:\n  accel_cache: {}\n  dns: [10.99.0.2]\n{}\n{sections}\n",
+                "vmmd:\n  accel_cache: {}\n  dns: [10.99.0.2]\n  cgroup: {}\n{}\n{sections}\n",
                 guest_dir().join("accel.json").display(),
+                cgroup_of(root.path()),
                 if vmmd.is_empty() {
                     "  stop_timeout_secs: 5"
                 } else {
@@ -734,6 +739,115 @@ impl Drop for ControlPlane {
         self.vmmd.kill9();
         kill_by_arg(&self.run_dir().join("vmm-").display().to_string());
         kill_by_arg(&self.run_dir().join("vhost-vsock-").display().to_string());
+        for dir in vm_cgroups(&cgroup_of(self.root.path())) {
+            remove_cgroup(&dir);
+        }
+    }
+}
+
+/// The cgroup of process `pid` (or `self`) in the hierarchy of `controller` (`""`: v2), as
+/// `/proc/<pid>/cgroup` names it.
+fn cgroup_path(pid: &str, controller: &str) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, list, path) = (parts.next()?, parts.next()?, parts.next()?);
+        list.split(',')
+            .any(|c| c == controller)
+            .then(|| path.to_string())
+    })
+}
+
+/// The cgroup subtree a control plane's vmmd puts its VMs in: one per control plane, so that
+/// tests running side by side never share one.
+pub fn cgroup_of(root: &Path) -> String {
+    let unique = root.file_name().and_then(|n| n.to_str()).unwrap_or("x");
+    format!("volant-test-{}", unique.trim_start_matches('.'))
+}
+
+/// The directories of cgroup subtree `name` under this process's cgroups (vmmd, started by
+/// the tests, shares them): one in each of the v1 hierarchies `cpu`, `memory` and `pids`, or
+/// one in v2.
+pub fn vm_cgroups(name: &str) -> Vec<PathBuf> {
+    let path_of = |controller: &str| {
+        cgroup_path("self", controller).map(|p| p.trim_start_matches('/').to_string())
+    };
+    let root = Path::new("/sys/fs/cgroup");
+    if root.join("cgroup.controllers").exists() {
+        let own = path_of("").unwrap_or_default();
+        let own = own
+            .trim_end_matches("/supervisor")
+            .trim_end_matches("supervisor");
+        return vec![root.join(own).join(name)];
+    }
+    ["cpu", "memory", "pids"]
+        .iter()
+        .filter_map(|c| Some(root.join(c).join(path_of(c)?).join(name)))
+        .collect()
+}
+
+/// The limits of the cgroups process `pid` is in, with the cgroup's path: CPU quota in µs per
+/// 100 ms, memory in bytes, pids.
+pub fn cgroup_limits(pid: i64) -> (String, u64, u64, u64) {
+    let path_of = |controller: &str| cgroup_path(&pid.to_string(), controller).unwrap_or_default();
+    let read = |p: PathBuf| {
+        std::fs::read_to_string(&p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .trim()
+            .to_string()
+    };
+    let num = |s: String| s.parse::<u64>().unwrap_or(u64::MAX);
+    let root = Path::new("/sys/fs/cgroup");
+    if root.join("cgroup.controllers").exists() {
+        let path = path_of("");
+        let dir = root.join(path.trim_start_matches('/'));
+        let cpu = read(dir.join("cpu.max"));
+        let quota = cpu
+            .split(' ')
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .unwrap_or(0);
+        return (
+            path,
+            quota,
+            num(read(dir.join("memory.max"))),
+            num(read(dir.join("pids.max"))),
+        );
+    }
+    let dir = |c: &str| root.join(c).join(path_of(c).trim_start_matches('/'));
+    (
+        path_of("memory"),
+        num(read(dir("cpu").join("cpu.cfs_quota_us"))),
+        num(read(dir("memory").join("memory.limit_in_bytes"))),
+        num(read(dir("pids").join("pids.max"))),
+    )
+}
+
+/// Removes a cgroup subtree whose processes are gone or going (waits up to 5 s for them).
+fn remove_cgroup(dir: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let children: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut left = false;
+        for c in &children {
+            left |= std::fs::remove_dir(c).is_err();
+        }
+        if (!left && std::fs::remove_dir(dir).is_ok()) || !dir.exists() {
+            return;
+        }
+        if Instant::now() > deadline {
+            eprintln!("cgroup {} is still in use", dir.display());
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

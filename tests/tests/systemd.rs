@@ -43,6 +43,16 @@ fn install(root: &Path) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A container under a cgroup v1 host gets its cpu, memory and pids hierarchies read-only
+    // (systemd-nspawn delegates none of them), so vmmd cannot make its VMs' cgroups here and
+    // is told to run them unlimited; the limits are tested on the host (tests/vms.rs).
+    let config = root.join("etc/volant/volant.yaml");
+    assert!(
+        !config.exists(),
+        "volar setup wrote a config; this would replace it"
+    );
+    std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+    std::fs::write(&config, "vmmd:\n  resource_limits: false\n").unwrap();
     let vsock = sh("command -v vhost-device-vsock || echo $HOME/.cargo/bin/vhost-device-vsock");
     std::fs::copy(vsock.trim(), root.join("usr/local/bin/vhost-device-vsock")).unwrap();
     for (from, to) in [

@@ -16,7 +16,10 @@ use volant_services::api::vmm::v1::{
     CreateVmRequest, DeleteVmRequest, GetVmRequest, InstallPluginRequest, ListVmsRequest,
     StartVmRequest, StopVmRequest, Vm, VmStatus, WatchEventsRequest,
 };
-use volant_tests::{ControlPlane, firewall_save, hello_manifest, proc_status, ready};
+use volant_tests::{
+    ControlPlane, cgroup_limits, cgroup_of, firewall_save, hello_manifest, proc_status, ready,
+    vm_cgroups,
+};
 
 type Vmm = VmmClient<Channel>;
 
@@ -189,6 +192,23 @@ async fn vms_boot_on_the_bridge_talk_and_leave_nothing_behind() {
     for vm in [&a, &b, &d, &s] {
         assert_eq!(proc_status(vm.pid, "Seccomp"), "2", "{}", vm.name);
         assert_eq!(proc_status(vm.pid, "NoNewPrivs"), "1", "{}", vm.name);
+    }
+    // Each in a cgroup of its own, limited to what the VM asked for (the hello plugin: one
+    // vCPU, 256 MiB, plus the hypervisor's own 320 MiB).
+    let subtree = cgroup_of(cp.root.path());
+    for vm in [&a, &b, &d, &s] {
+        let (path, quota, memory, pids) = cgroup_limits(vm.pid);
+        assert!(
+            path.ends_with(&format!("/{subtree}/{}", vm.name)),
+            "{}: {path}",
+            vm.name
+        );
+        assert_eq!(
+            (quota, memory, pids),
+            (100_000, (256 + 320) << 20, 512),
+            "{}",
+            vm.name
+        );
     }
 
     // The spoofer is on 192.168.127.200 (seen with netd's anti-spoofing table removed), and
@@ -509,6 +529,16 @@ async fn vms_boot_on_the_bridge_talk_and_leave_nothing_behind() {
         .unwrap();
     let links = cp.host.sh("ip -o link show");
     assert!(!links.contains("vmtap-"), "{links}");
+    // No VM's cgroup outlives it.
+    for dir in vm_cgroups(&subtree) {
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "{}: {left:?}", dir.display());
+    }
     assert_eq!(firewall_save(&cp.host), rules_before_vms, "no stray rule");
     assert!(
         vmm.list_vms(ListVmsRequest {})

@@ -1,6 +1,7 @@
 //! vmmd: the owner of plugins, VMs and their hypervisors.
 
 mod accel;
+mod cgroup;
 mod driver;
 mod grpc;
 mod guest;
@@ -39,6 +40,23 @@ fn which(name: &str) -> Option<PathBuf> {
         .split(':')
         .map(|dir| Path::new(dir).join(name))
         .find(|p| p.is_file())
+}
+
+/// Where VMs' cgroups go, unless the config turns limits off.
+fn cgroups(c: &volant_services::config::VmmdConfig) -> anyhow::Result<Option<cgroup::Cgroups>> {
+    if c.resource_limits == Some(false) {
+        tracing::warn!("vmmd.resource_limits is false: VMs run without CPU, memory or pid limits");
+        return Ok(None);
+    }
+    let name = c.cgroup.as_deref().unwrap_or("volant-vms");
+    cgroup::check_name(name).map_err(anyhow::Error::msg)?;
+    let groups = cgroup::Cgroups::discover(Path::new("/sys/fs/cgroup"), name).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}: vmmd needs cgroups it may create (systemd: Delegate=yes) to limit its VMs, or \
+             vmmd.resource_limits: false to run them unlimited"
+        )
+    })?;
+    Ok(Some(groups))
 }
 
 fn settings(daemon: &Daemon) -> anyhow::Result<vmm::Settings> {
@@ -83,6 +101,7 @@ fn settings(daemon: &Daemon) -> anyhow::Result<vmm::Settings> {
         cloud_hypervisor,
         stop_timeout: Duration::from_secs(c.stop_timeout_secs.unwrap_or(10)),
         boot_timeout: Duration::from_secs(c.boot_timeout_secs.unwrap_or(120)),
+        cgroups: cgroups(c)?,
     })
 }
 

@@ -20,6 +20,7 @@ use volant_services::durability::Durability;
 use volant_services::validate::dns_label;
 
 use crate::accel::Accel;
+use crate::cgroup::{Cgroups, Limits};
 use crate::driver::cloud_hypervisor::CloudHypervisor;
 use crate::driver::qemu::Qemu;
 use crate::driver::{Driver, LaunchSpec, Nic, Vsock};
@@ -64,6 +65,8 @@ pub struct Settings {
     pub stop_timeout: Duration,
     /// How long a booting guest has to say it is ready.
     pub boot_timeout: Duration,
+    /// Where each VM's cgroup goes; `None`: VMs run without limits.
+    pub cgroups: Option<Cgroups>,
 }
 
 /// A request to create a VM, as received.
@@ -714,6 +717,16 @@ impl Vmm {
         .map_err(|e| Status::internal(format!("initramfs task: {e}")))?
         .map_err(Status::failed_precondition)?;
         let initramfs = paths.initramfs.display().to_string();
+        let limits = Limits {
+            cpus: rec.cpu_cores,
+            memory_mb: rec.memory_mb,
+        };
+        let procs = match &self.settings.cgroups {
+            Some(groups) => groups.prepare(name, limits).map_err(Status::internal)?,
+            None => Vec::new(),
+        };
+        let cgroup: Vec<std::os::fd::RawFd> =
+            procs.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
         let (_, seq) = self.update(name, |r| {
             r.kernel_cmdline = line.clone();
             r.accel = accel.clone();
@@ -736,6 +749,7 @@ impl Vmm {
             }),
             paths: &paths,
             accel: &accel,
+            cgroup: &cgroup,
         };
         let launched = driver
             .launch(&spec)
@@ -874,6 +888,29 @@ impl Vmm {
         if !rec.vsock_socket.is_empty() {
             let _ = std::fs::remove_file(&rec.vsock_socket);
         }
+        self.remove_cgroup(&rec.name);
+    }
+
+    /// Removes the cgroups of VMs that have no hypervisor (or no record) any more.
+    fn sweep_cgroups(&self) {
+        let Some(groups) = &self.settings.cgroups else {
+            return;
+        };
+        for name in groups.vms() {
+            let running = self.get(&name).is_ok_and(|r| r.pid.is_some());
+            if !running {
+                self.remove_cgroup(&name);
+            }
+        }
+    }
+
+    /// Removes VM `name`'s cgroup; one still in use stays for the next reconciliation.
+    fn remove_cgroup(&self, name: &str) {
+        if let Some(groups) = &self.settings.cgroups
+            && let Err(e) = groups.remove(name)
+        {
+            tracing::debug!(vm = %name, "{e}; the next reconciliation retries");
+        }
     }
 
     /// Waits up to `limit` for the hypervisor of `name` to exit; returns whether it did.
@@ -1001,6 +1038,7 @@ impl Vmm {
         };
         lock(&self.exits).remove(name);
         let _ = std::fs::remove_dir_all(self.paths(name).dir);
+        self.remove_cgroup(name);
         self.durable(seq).await;
         Ok(true)
     }
@@ -1210,6 +1248,7 @@ impl Vmm {
                 self.delete(&rec.name, false).await?;
             }
         }
+        self.sweep_cgroups();
         let vsock_vms = self.list().iter().any(|r| r.mode == Mode::Vsock);
         self.reconcile_peers().await?;
         match self.reconcile_routes().await {

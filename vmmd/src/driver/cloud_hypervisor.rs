@@ -133,7 +133,7 @@ impl Driver for CloudHypervisor {
                 hypervisor = "cloud-hypervisor"
             )
             .entered();
-            spawn(&self.binary, &args, &spec.paths.hypervisor_log)?
+            spawn(&self.binary, &args, &spec.paths.hypervisor_log, spec.cgroup)?
         };
         let api = Api::new(&spec.paths.api_socket);
         wait_ready(
@@ -255,6 +255,7 @@ mod tests {
             }),
             paths: &paths,
             accel: "kvm",
+            cgroup: &[],
         };
         let api = Api::new(&paths.api_socket);
         api.call(Method::GET, "vmm.ping", None).await.unwrap();
@@ -326,6 +327,7 @@ mod tests {
             nic: None,
             paths: &paths,
             accel: "kvm",
+            cgroup: &[],
         };
         let config = vm_config(&spec);
         assert_eq!(config["vsock"]["cid"], 7);

@@ -47,6 +47,8 @@ pub struct LaunchSpec<'a> {
     pub paths: &'a Paths,
     /// `kvm` or `tcg`.
     pub accel: &'a str,
+    /// The VM's open `cgroup.procs` files, which its processes join before they execute.
+    pub cgroup: &'a [std::os::fd::RawFd],
 }
 
 /// A started hypervisor.
@@ -74,12 +76,14 @@ pub trait Driver: Send + Sync {
 }
 
 /// Spawns a hypervisor process: its own session (signals to vmmd do not reach it, and it
-/// survives vmmd), `no_new_privs` (nothing it executes can gain privileges: no setuid or file
-/// capabilities), stdout and stderr appended to `log`.
+/// survives vmmd), in the VM's cgroup (`cgroup`: open `cgroup.procs` files), `no_new_privs`
+/// (nothing it executes can gain privileges: no setuid or file capabilities), stdout and
+/// stderr appended to `log`.
 pub fn spawn(
     binary: &Path,
     args: &[String],
     log: &Path,
+    cgroup: &[std::os::fd::RawFd],
 ) -> Result<(tokio::process::Child, Duration), String> {
     let started = Instant::now();
     if let Some(dir) = log.parent() {
@@ -97,10 +101,13 @@ pub fn spawn(
         .stdout(out)
         .stderr(err)
         .kill_on_drop(false);
-    // SAFETY: setsid and prctl are async-signal-safe system calls.
+    let cgroup = cgroup.to_vec();
+    // SAFETY: setsid, write and prctl are async-signal-safe system calls, and nothing here
+    // allocates.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             libc::setsid();
+            crate::cgroup::join(&cgroup)?;
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }

@@ -41,7 +41,12 @@ impl Qemu {
             "--uds-path".into(),
             v.socket.display().to_string(),
         ];
-        let (mut child, _) = spawn(&self.vsock_backend, &args, &spec.paths.hypervisor_log)?;
+        let (mut child, _) = spawn(
+            &self.vsock_backend,
+            &args,
+            &spec.paths.hypervisor_log,
+            spec.cgroup,
+        )?;
         let socket = spec.paths.vhost_socket.clone();
         let waited = wait_ready(
             &mut child,
@@ -172,7 +177,12 @@ impl Driver for Qemu {
             let _span =
                 tracing::info_span!("hypervisor.spawn", vm = spec.name, hypervisor = "qemu")
                     .entered();
-            spawn(&self.binary, &args(spec), &spec.paths.hypervisor_log)?
+            spawn(
+                &self.binary,
+                &args(spec),
+                &spec.paths.hypervisor_log,
+                spec.cgroup,
+            )?
         };
         let api = spec.paths.api_socket.clone();
         let ready = tracing::info_span!("hypervisor.ready", vm = spec.name);
@@ -251,6 +261,7 @@ mod tests {
             }),
             paths: &paths,
             accel: "tcg",
+            cgroup: &[],
             vsock: None,
         };
         let a = args(&spec).join(" ");
@@ -287,6 +298,7 @@ mod tests {
             }),
             paths: &paths,
             accel: "tcg",
+            cgroup: &[],
         };
         let a = args(&spec).join(" ");
         for want in [
