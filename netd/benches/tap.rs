@@ -60,7 +60,7 @@ fn raw(netns: &str, secs: Duration) -> Vec<Row> {
                     let mut made = Vec::new();
                     for i in 0..batch {
                         let name = format!("vmtap-raw{i}");
-                        tap::create(&name).unwrap();
+                        tap::create(&name, None).unwrap();
                         let c = CString::new(name).unwrap();
                         // SAFETY: a NUL-terminated name that outlives the call.
                         let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
@@ -119,6 +119,7 @@ async fn grpc(addr: &Addr, clients: usize, secs: Duration) -> Row {
                     network: "volant0".into(),
                     vm: vm.clone(),
                     ip: format!("192.168.{}.{}", 127 + c / 250, 2 + c % 250),
+                    owner_uid: 0,
                 };
                 client.create_tap(req).await.unwrap();
                 client.delete_tap(DeleteTapRequest { vm }).await.unwrap();

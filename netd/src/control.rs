@@ -429,11 +429,18 @@ impl Netd {
     /// Creates or confirms `vm`'s TAP on `network` for the VM's leased address `ip`. Returns it
     /// and whether it is new. The same VM with a new address keeps its device; only that
     /// address passes from then on.
-    pub async fn create_tap(&self, network: &str, vm: &str, ip: &str) -> Result<(Tap, bool)> {
-        let tap = Tap::validate(network, vm, ip).map_err(Error::Invalid)?;
+    pub async fn create_tap(
+        &self,
+        network: &str,
+        vm: &str,
+        ip: &str,
+        owner: u32,
+    ) -> Result<(Tap, bool)> {
+        let tap = Tap::validate(network, vm, ip, owner).map_err(Error::Invalid)?;
         let mut done = Vec::new();
         let _gate = self.gate.read().await;
         let _vm = self.vm_lock(vm).lock().await;
+        let mut reowned = false;
         let (seq, created) = {
             let mut d = self.lock().await;
             let net = d
@@ -466,7 +473,8 @@ impl Netd {
                     )));
                 }
                 Some(old) if *old == tap => (self.durability.latest(), false),
-                Some(_) => {
+                Some(old) => {
+                    reowned = old.owner != tap.owner;
                     let seq = self.write(&[Change::PutTap(&tap)])?;
                     d.taps.insert(vm.to_string(), tap.clone());
                     (seq, false)
@@ -497,6 +505,14 @@ impl Netd {
                     "bridge {network} is missing; call Reconcile"
                 ))),
             },
+        };
+        let applied = match applied {
+            Ok(()) if reowned => self
+                .kernel
+                .set_tap_owner(&tap, &mut done)
+                .await
+                .map_err(failed),
+            other => other,
         };
         if let Err(e) = applied {
             if created {

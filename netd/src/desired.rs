@@ -64,12 +64,15 @@ pub struct Tap {
     /// before netd knew it have none, and their TAP passes nothing until it is created again.
     #[serde(default)]
     pub ip: Option<Ipv4Addr>,
+    /// The uid whose processes may attach (the VM's hypervisor); `None`: netd's own.
+    #[serde(default)]
+    pub owner: Option<u32>,
 }
 
 impl Tap {
     /// Validates a request and derives the device name and MAC. Where the address lies is the
     /// caller's to check against the network.
-    pub fn validate(network: &str, vm: &str, ip: &str) -> Result<Tap, String> {
+    pub fn validate(network: &str, vm: &str, ip: &str, owner: u32) -> Result<Tap, String> {
         interface_name("network", network)?;
         dns_label("vm", vm)?;
         if ip.trim().is_empty() {
@@ -87,6 +90,7 @@ impl Tap {
             name: tap_name(vm),
             mac: guest_mac(vm),
             ip: Some(ip),
+            owner: (owner != 0).then_some(owner),
         })
     }
 }
@@ -307,7 +311,7 @@ mod tests {
     fn the_store_round_trips() {
         let dir = tempfile::tempdir().unwrap();
         let net = Network::validate("volant0", "192.168.127.0/24", "", true).unwrap();
-        let tap = Tap::validate("volant0", "web", "192.168.127.100").unwrap();
+        let tap = Tap::validate("volant0", "web", "192.168.127.100", 1_900_000_000).unwrap();
         let fwd = Forward {
             host_port: 8080,
             protocol: Protocol::Tcp,

@@ -154,7 +154,10 @@ impl pb::net_server::Net for NetService {
         req: Request<pb::CreateTapRequest>,
     ) -> Result<Response<pb::CreateTapResponse>, Status> {
         let req = req.into_inner();
-        let (tap, created) = self.netd.create_tap(&req.network, &req.vm, &req.ip).await?;
+        let (tap, created) = self
+            .netd
+            .create_tap(&req.network, &req.vm, &req.ip, req.owner_uid)
+            .await?;
         Ok(Response::new(pb::CreateTapResponse {
             mac: format_mac(&tap.mac),
             tap: tap.name,

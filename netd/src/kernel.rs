@@ -291,8 +291,8 @@ impl Kernel {
             }
         }
         // Closing the creating descriptor waits for an RCU grace period: off the async workers.
-        let name = t.name.clone();
-        tokio::task::spawn_blocking(move || tap::create(&name))
+        let (name, owner) = (t.name.clone(), t.owner);
+        tokio::task::spawn_blocking(move || tap::create(&name, owner))
             .await
             .map_err(|e| format!("TAP task: {e}"))?
             .map_err(|e| format!("creating TAP {}: {e}", t.name))?;
@@ -300,6 +300,17 @@ impl Kernel {
             if_index(&t.name).ok_or_else(|| format!("TAP {} vanished after creation", t.name))?;
         self.links.attach(index, bridge).await?;
         done.push(format!("created TAP {}", t.name));
+        Ok(())
+    }
+
+    /// Gives the existing TAP of `t` to its recorded owner (it must have no hypervisor attached).
+    pub async fn set_tap_owner(&self, t: &Tap, done: &mut Vec<String>) -> Result<(), String> {
+        let (name, owner) = (t.name.clone(), t.owner);
+        tokio::task::spawn_blocking(move || tap::create(&name, owner))
+            .await
+            .map_err(|e| format!("TAP task: {e}"))?
+            .map_err(|e| format!("giving TAP {} to its owner: {e}", t.name))?;
+        done.push(format!("gave TAP {} to uid {:?}", t.name, t.owner));
         Ok(())
     }
 

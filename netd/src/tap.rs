@@ -13,12 +13,13 @@ const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
 /// `_IOW('T', 204, int)`.
 const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
 
-/// Creates the persistent TAP `name` with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`. The device
-/// outlives the file descriptor, which is closed on return; a hypervisor attaches to it later.
-/// Its owner is netd's own user: only that user's processes (vmmd and the hypervisors it
-/// starts, which need no `CAP_NET_ADMIN` for it) or holders of `CAP_NET_ADMIN` may attach. An
-/// unowned TAP takes any local user who can open `/dev/net/tun`.
-pub fn create(name: &str) -> io::Result<()> {
+/// Creates the persistent TAP `name` with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, or opens the
+/// existing one (while nothing is attached to it). The device outlives the file descriptor,
+/// which is closed on return; a hypervisor attaches to it later. Its owner is `owner` (netd's
+/// own user when `None`): only that user's processes (the VM's hypervisor, which needs no
+/// `CAP_NET_ADMIN` for it) or holders of `CAP_NET_ADMIN` may attach. An unowned TAP takes any
+/// local user who can open `/dev/net/tun`.
+pub fn create(name: &str, owner: Option<u32>) -> io::Result<()> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -39,15 +40,10 @@ pub fn create(name: &str) -> io::Result<()> {
     if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: TUNSETOWNER takes a uid by value; geteuid cannot fail.
-    if unsafe {
-        libc::ioctl(
-            tun.as_raw_fd(),
-            TUNSETOWNER,
-            libc::geteuid() as libc::c_ulong,
-        )
-    } < 0
-    {
+    // SAFETY: geteuid cannot fail.
+    let owner = owner.unwrap_or_else(|| unsafe { libc::geteuid() });
+    // SAFETY: TUNSETOWNER takes a uid by value.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETOWNER, owner as libc::c_ulong) } < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: TUNSETPERSIST takes an integer argument by value.

@@ -266,8 +266,7 @@ impl Routes {
             .is_some_and(|(socket, _)| *socket == route.egress_socket);
         if !bound {
             // The new socket first: a VM whose new one cannot be bound keeps its old one.
-            let listener = volant_services::daemon::bind_unix(&PathBuf::from(&route.egress_socket))
-                .map_err(|e| Status::internal(format!("{e:#}")))?;
+            let listener = bind_egress(&PathBuf::from(&route.egress_socket))?;
             vm.stop_listening();
             let task = tokio::spawn(self.egress.clone().serve(listener, Arc::downgrade(&vm)));
             *vm.listener.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -412,4 +411,23 @@ impl Routes {
         tracing::info!(vm, "route unregistered");
         Ok(true)
     }
+}
+
+/// Binds a VM's egress listener. The VM's vsock backend, which connects to it, may run under
+/// a uid of its own: in a directory that only the VM's uid and root may enter (vmmd makes one
+/// per VM), the socket is opened to every user that can reach it; anywhere else it stays
+/// proxyd's alone.
+fn bind_egress(path: &std::path::Path) -> Result<tokio::net::UnixListener, Status> {
+    use std::os::unix::fs::PermissionsExt;
+    let listener =
+        volant_services::daemon::bind_unix(path).map_err(|e| Status::internal(format!("{e:#}")))?;
+    let guarded = path
+        .parent()
+        .and_then(|d| std::fs::metadata(d).ok())
+        .is_some_and(|m| m.permissions().mode() & 0o007 == 0);
+    if guarded {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+            .map_err(|e| Status::internal(format!("{}: {e}", path.display())))?;
+    }
+    Ok(listener)
 }

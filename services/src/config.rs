@@ -150,6 +150,8 @@ pub struct VmmdConfig {
     /// Whether VMs run under those limits; `false` runs them unlimited, for hosts where vmmd
     /// cannot create cgroups [default: true].
     pub resource_limits: Option<bool>,
+    /// The uids hypervisors run as, one per VM, `FIRST-LAST` [default: 1900000000-1900065535].
+    pub hypervisor_uids: Option<String>,
 }
 
 /// The gateway's section: where it listens and how it locks its doors.

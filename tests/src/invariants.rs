@@ -70,12 +70,13 @@ pub fn request(name: &str, network: &str) -> CreateVmRequest {
     }
 }
 
-/// The value of `vmm-<name>.sock` or `vhost-vsock-<name>.sock` in a process's arguments.
-fn vm_of(args: &[String], prefix: &str) -> Option<String> {
+/// The VM whose `<run>/vms/<vm>/<file>` is among a process's arguments.
+fn vm_of(args: &[String], run: &str, file: &str) -> Option<String> {
+    let prefix = format!("{run}/vms/");
     args.iter().find_map(|a| {
-        let i = a.find(prefix)?;
-        let rest = &a[i + prefix.len()..];
-        Some(rest[..rest.find(".sock")?].to_string())
+        let rest = &a[a.find(&prefix)? + prefix.len()..];
+        let (vm, tail) = rest.split_once('/')?;
+        tail.starts_with(file).then(|| vm.to_string())
     })
 }
 
@@ -139,21 +140,20 @@ pub async fn snapshot(cp: &ControlPlane) -> Result<Snapshot, String> {
             .map(str::to_string)
             .collect(),
         routes: routes.into_iter().map(|r| r.vm).collect(),
-        hypervisors: processes_by_arg(&format!("{run}/vmm-"))
+        hypervisors: processes_by_arg(&format!("{run}/vms/"))
             .iter()
-            .filter_map(|(_, args)| vm_of(args, "/vmm-"))
+            .filter_map(|(_, args)| vm_of(args, &run, "api.sock"))
             .collect(),
-        backends: processes_by_arg(&format!("{run}/vhost-vsock-"))
+        // The vsock backend names the vhost-user socket and, unlike QEMU, no API socket.
+        backends: processes_by_arg(&format!("{run}/vms/"))
             .iter()
-            .filter_map(|(_, args)| vm_of(args, "/vhost-vsock-"))
+            .filter(|(_, args)| vm_of(args, &run, "api.sock").is_none())
+            .filter_map(|(_, args)| vm_of(args, &run, "vhost.sock"))
             .collect(),
         rules: cp
             .host
             .sh("iptables-save | grep -v '^#' | grep -i volant || true"),
-        run_files: names_in(&cp.run_dir())
-            .into_iter()
-            .filter(|n| n.starts_with("vmm-") || n.starts_with("vsock-") || n.starts_with("vhost-"))
-            .collect(),
+        run_files: crate::run_leftovers(&cp.run_dir()),
         vm_dirs: names_in(&cp.root.path().join("vmmd/state/vms")),
     })
 }
@@ -259,25 +259,24 @@ pub fn at_rest(s: &Snapshot) -> Vec<String> {
     }
     for f in &s.run_files {
         let holder = if let Some(rest) = f.strip_prefix("vsock-") {
-            // vsock-<cid>.sock (the hypervisor's, while it runs) and vsock-<cid>.sock_<port>
-            // (proxyd's egress listener, while the route is registered).
+            // vsock-<cid>.sock: the link to the hypervisor's vsock socket, while it runs.
             let cid = rest.split('.').next().and_then(|c| c.parse::<u32>().ok());
-            let vm = s.vms.values().find(|v| Some(v.vsock_cid) == cid);
-            match (vm, rest.contains('_')) {
-                (Some(v), true) => Some(v.name.clone()),
-                (Some(v), false) if up(v.status) => Some(v.name.clone()),
-                _ => None,
-            }
+            s.vms
+                .values()
+                .find(|v| Some(v.vsock_cid) == cid && up(v.status))
+                .map(|v| v.name.clone())
         } else {
-            let name = f
-                .trim_start_matches("vmm-")
-                .trim_start_matches("vhost-vsock-")
-                .split(".sock")
-                .next()
-                .unwrap_or_default();
+            // vms/<vm>/ while the VM exists, proxyd's egress listener in it while its route is
+            // registered (a vsock VM), and the hypervisor's sockets while it runs.
+            let rest = f.strip_prefix("vms/").unwrap_or_default();
+            let (name, file) = rest.split_once('/').unwrap_or((rest, ""));
             s.vms
                 .get(name)
-                .filter(|v| up(v.status))
+                .filter(|v| {
+                    file.is_empty()
+                        || (file.starts_with("vsock.sock_") && v.network_mode == "vsock")
+                        || up(v.status)
+                })
                 .map(|v| v.name.clone())
         };
         if holder.is_none() {

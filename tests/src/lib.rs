@@ -660,6 +660,12 @@ impl ControlPlane {
         sections: &str,
     ) -> ControlPlane {
         let root = tempfile::tempdir().expect("tempdir");
+        // Each VM's hypervisor runs as a uid of its own, which must reach its directories below.
+        std::fs::set_permissions(
+            root.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod");
         let config = root.path().join("volant.yaml");
         std::fs::write(
             &config,
@@ -737,12 +743,36 @@ impl ControlPlane {
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         self.vmmd.kill9();
-        kill_by_arg(&self.run_dir().join("vmm-").display().to_string());
-        kill_by_arg(&self.run_dir().join("vhost-vsock-").display().to_string());
+        kill_by_arg(&self.run_dir().join("vms/").display().to_string());
         for dir in vm_cgroups(&cgroup_of(self.root.path())) {
             remove_cgroup(&dir);
         }
     }
+}
+
+/// What VMs left in a run directory: the `vsock-<cid>.sock` links, and every VM directory under
+/// `vms/` (`vms/<vm>/`) with the files in it (`vms/<vm>/<file>`), sorted.
+pub fn run_leftovers(run: &Path) -> Vec<String> {
+    let names = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut left: Vec<String> = names(run)
+        .into_iter()
+        .filter(|n| n.starts_with("vsock-"))
+        .collect();
+    for vm in names(&run.join("vms")) {
+        left.push(format!("vms/{vm}/"));
+        for f in names(&run.join("vms").join(&vm)) {
+            left.push(format!("vms/{vm}/{f}"));
+        }
+    }
+    left.sort();
+    left
 }
 
 /// The cgroup of process `pid` (or `self`) in the hierarchy of `controller` (`""`: v2), as

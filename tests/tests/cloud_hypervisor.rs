@@ -15,7 +15,8 @@ use serde_json::Value;
 use tokio_stream::StreamExt as _;
 use volant_services::api::vmm::v1::{VmStatus, WatchEventsRequest};
 use volant_tests::{
-    ControlPlane, Daemon, cloud_hypervisor_or_skip, host_and_upstream, proc_status, stub,
+    ControlPlane, Daemon, cloud_hypervisor_or_skip, host_and_upstream, proc_status, run_leftovers,
+    stub,
 };
 
 fn manifest(name: &str, kernel: &Path, initramfs: &Path, mode: &str) -> String {
@@ -113,13 +114,7 @@ impl Lab {
     }
 
     fn run_dir_files(&self) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(self.cp.run_dir())
-            .unwrap()
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|n| n.starts_with("vmm-") || n.starts_with("vsock-") || n.ends_with(".lock"))
-            .collect();
-        names.sort();
-        names
+        run_leftovers(&self.cp.run_dir())
     }
 
     fn state_dir(&self, name: &str) -> PathBuf {
@@ -155,6 +150,14 @@ async fn the_lifecycle_through_the_rest_api() {
     // but the main one, which only waits for the VMM thread), and it can gain no privileges.
     let pid = vm["pid"].as_i64().unwrap();
     assert_eq!(proc_status(pid, "NoNewPrivs"), "1");
+    // Under a uid of its own, with no capability.
+    let uid = proc_status(pid, "Uid");
+    assert!(
+        uid.split_whitespace()
+            .all(|u| u.parse::<u32>().is_ok_and(|u| u >= 1_900_000_000)),
+        "{uid}"
+    );
+    assert_eq!(proc_status(pid, "CapEff"), "0000000000000000");
     let threads: Vec<(String, String)> = std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .filter_map(|t| {
@@ -177,7 +180,11 @@ async fn the_lifecycle_through_the_rest_api() {
         (200, Some("stopped")),
         "{vm}"
     );
-    assert_eq!(lab.run_dir_files(), Vec::<String>::new(), "after a stop");
+    assert_eq!(
+        lab.run_dir_files(),
+        ["vms/c1/"],
+        "after a stop: the VM's empty directory"
+    );
 
     // Each boot keeps a console of its own; the previous one is kept beside it.
     let (code, vm) = lab.rest("POST", "/vms/c1/start", None);
@@ -256,7 +263,7 @@ async fn every_end_of_a_vm_is_told_for_what_it_is() {
 
     // Told to shut down behind vmmd's back: Cloud Hypervisor exits 0, as after a guest
     // power-off, but no guest said it was powering off.
-    let api = lab.cp.run_dir().join("vmm-c2.sock");
+    let api = lab.cp.run_dir().join("vms/c2/api.sock");
     let (ok, out) = lab.cp.host.try_sh(&format!(
         "curl -sS -X PUT --unix-socket {} http://localhost/api/v1/vmm.shutdown",
         api.display()

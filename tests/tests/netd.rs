@@ -142,6 +142,7 @@ fn tap(network: &str, vm: &str, ip: &str) -> CreateTapRequest {
         network: network.into(),
         vm: vm.into(),
         ip: ip.into(),
+        owner_uid: 0,
     }
 }
 

@@ -193,6 +193,72 @@ async fn vms_boot_on_the_bridge_talk_and_leave_nothing_behind() {
         assert_eq!(proc_status(vm.pid, "Seccomp"), "2", "{}", vm.name);
         assert_eq!(proc_status(vm.pid, "NoNewPrivs"), "1", "{}", vm.name);
     }
+    // Each under a uid of its own, without capabilities, owning its TAP; none reaches vmmd's
+    // socket or another VM's files and sockets (checked as that uid, with a control: the same
+    // uid reads its own console).
+    let mut uids = BTreeSet::new();
+    for vm in [&a, &b, &d, &s] {
+        let ids = proc_status(vm.pid, "Uid");
+        let uid: u32 = ids.split_whitespace().next().unwrap().parse().unwrap();
+        assert!(uid >= 1_900_000_000, "{}: uid {ids}", vm.name);
+        assert!(
+            ids.split_whitespace().all(|i| i == uid.to_string()),
+            "{ids}"
+        );
+        assert!(uids.insert(uid), "{} shares uid {uid}", vm.name);
+        assert_eq!(
+            proc_status(vm.pid, "CapEff"),
+            "0000000000000000",
+            "{}",
+            vm.name
+        );
+        assert_eq!(
+            cp.host
+                .sh(&format!("cat /sys/class/net/{}/owner", vm.tap_device))
+                .trim(),
+            uid.to_string(),
+            "{}'s TAP",
+            vm.name
+        );
+    }
+    let a_uid: u32 = proc_status(a.pid, "Uid")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let state = cp.root.path().join("vmmd/state/vms");
+    let run = cp.run_dir();
+    let as_a = |cmd: &str| {
+        volant_tests::try_sh(&format!(
+            "setpriv --reuid={a_uid} --regid={a_uid} --clear-groups -- {cmd}"
+        ))
+    };
+    // A bare connect(2), which succeeds wherever the socket's permissions let it.
+    let connect = |path: &std::path::Path| {
+        format!(
+            "/usr/bin/python3 -c 'import socket; socket.socket(socket.AF_UNIX).connect(\"{}\")'",
+            path.display()
+        )
+    };
+    let (ok, out) = as_a(&format!("cat {}", state.join("a/serial.log").display()));
+    assert!(
+        ok && out.contains("kestrel: ready"),
+        "a cannot read its own console: {out}"
+    );
+    let (ok, out) = as_a(&connect(&run.join("vms/a/api.sock")));
+    assert!(ok, "a cannot reach its own QMP socket: {out}");
+    for cmd in [
+        format!("cat {}", state.join("b/serial.log").display()),
+        format!("cat {}", state.join("b/initramfs").display()),
+        format!("ls {}", run.join("vms/b").display()),
+        connect(&run.join("vmmd.sock")),
+        connect(&run.join("vms/b/api.sock")),
+        format!("kill -0 {}", b.pid),
+    ] {
+        let (ok, out) = as_a(&cmd);
+        assert!(!ok, "VM a's uid may `{cmd}`: {out}");
+    }
     // Each in a cgroup of its own, limited to what the VM asked for (the hello plugin: one
     // vCPU, 256 MiB, plus the hypervisor's own 320 MiB).
     let subtree = cgroup_of(cp.root.path());

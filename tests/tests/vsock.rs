@@ -7,7 +7,6 @@
 //! `GET /tunnel` with a raw splice to `HTTP_PROXY` (kestrel's forwarder on 127.0.0.1:3128), so the
 //! test speaks to proxyd's egress exactly as a workload would, through kestrel and vsock.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +21,9 @@ use volant_services::api::proxy::v1::{GetStatsRequest, ListRoutesRequest};
 use volant_services::api::vmm::v1::{
     CreateVmRequest, DeleteVmRequest, GetVmRequest, InstallPluginRequest, StopVmRequest, VmStatus,
 };
-use volant_tests::{ControlPlane, Pki, guest_dir, host_and_upstream, in_netns, ready};
+use volant_tests::{
+    ControlPlane, Pki, guest_dir, host_and_upstream, in_netns, ready, run_leftovers,
+};
 
 const UPSTREAM: &str = "203.0.113.10";
 const GATEWAY: &str = "127.0.0.1:8080";
@@ -299,16 +300,6 @@ async fn ws_read<S: AsyncRead + Unpin>(io: &mut S) -> (u8, Vec<u8>) {
     (h[0] & 0x0f, p)
 }
 
-fn leftovers(run: &Path) -> Vec<String> {
-    std::fs::read_dir(run)
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .filter(|n| n.starts_with("vsock-") || n.starts_with("vhost-vsock-"))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vsock_vms_reach_and_are_reached_only_through_the_proxies() {
     let (host, up) = host_and_upstream();
@@ -387,8 +378,7 @@ async fn vsock_vms_reach_and_are_reached_only_through_the_proxies() {
         "each VM its own context id, the lowest free"
     );
     assert!(
-        sec.vsock_socket
-            .ends_with(&format!("vsock-{}.sock", sec.vsock_cid)),
+        sec.vsock_socket.ends_with("/vms/sec/vsock.sock"),
         "{}",
         sec.vsock_socket
     );
@@ -614,7 +604,7 @@ async fn vsock_vms_reach_and_are_reached_only_through_the_proxies() {
         .routes;
     assert!(routes.is_empty(), "{routes:?}");
     let run = cp.run_dir();
-    assert!(leftovers(&run).is_empty(), "{:?}", leftovers(&run));
+    assert!(run_leftovers(&run).is_empty(), "{:?}", run_leftovers(&run));
     let again = vmm
         .create_vm(CreateVmRequest {
             name: "again".into(),
@@ -710,5 +700,5 @@ async fn vsock_vms_reach_and_are_reached_only_through_the_proxies() {
         .await
         .unwrap();
     }
-    assert!(leftovers(&run).is_empty(), "{:?}", leftovers(&run));
+    assert!(run_leftovers(&run).is_empty(), "{:?}", run_leftovers(&run));
 }

@@ -6,6 +6,7 @@ mod driver;
 mod grpc;
 mod guest;
 mod initramfs;
+mod jail;
 mod logs;
 mod manifest;
 mod peers;
@@ -33,13 +34,38 @@ struct Args {
     daemon: DaemonArgs,
 }
 
-/// `name` found in PATH.
+/// `name` found in PATH: the first that any user may execute (hypervisors run under uids of
+/// their own), else the first.
 fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
+    let found: Vec<PathBuf> = std::env::var_os("PATH")?
         .to_str()?
         .split(':')
         .map(|dir| Path::new(dir).join(name))
-        .find(|p| p.is_file())
+        .filter(|p| p.is_file())
+        .collect();
+    found.iter().find(|p| public(p)).or(found.first()).cloned()
+}
+
+/// Whether every user may execute `path`: the file and every directory above it are open to
+/// others.
+fn public(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.ancestors().all(|p| {
+        p.as_os_str().is_empty()
+            || std::fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o001 != 0)
+    })
+}
+
+/// The uids hypervisors run as; none when vmmd is not root (they then run as vmmd does).
+fn jail(c: &volant_services::config::VmmdConfig) -> anyhow::Result<Option<jail::Jail>> {
+    let range = c.hypervisor_uids.as_deref().unwrap_or(jail::DEFAULT_UIDS);
+    let jail = jail::Jail::parse(range).map_err(anyhow::Error::msg)?;
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        tracing::warn!("vmmd is not root: hypervisors run as vmmd's own user, not one per VM");
+        return Ok(None);
+    }
+    Ok(Some(jail))
 }
 
 /// Where VMs' cgroups go, unless the config turns limits off.
@@ -87,6 +113,27 @@ fn settings(daemon: &Daemon) -> anyhow::Result<vmm::Settings> {
             cargo.is_file().then_some(cargo)
         })
         .unwrap_or_else(|| "vhost-device-vsock".into());
+    // SAFETY: geteuid cannot fail.
+    let jailed = unsafe { libc::geteuid() } == 0;
+    for (key, binary) in [
+        ("qemu_binary", &qemu),
+        ("vhost_device_vsock_binary", &vsock_backend),
+    ]
+    .into_iter()
+    .chain(
+        cloud_hypervisor
+            .as_ref()
+            .map(|b| ("cloud_hypervisor_binary", b)),
+    ) {
+        if jailed && binary.is_absolute() && binary.exists() && !public(binary) {
+            tracing::warn!(
+                "vmmd.{key}: {} cannot be run by the hypervisors' own uids (it, or a directory \
+                 above it, is closed to other users), so VMs that need it will not start; \
+                 install it where every user may run it, e.g. /usr/local/bin",
+                binary.display()
+            );
+        }
+    }
     Ok(vmm::Settings {
         vsock_backend,
         state_dir: daemon.state_dir.clone(),
@@ -102,6 +149,7 @@ fn settings(daemon: &Daemon) -> anyhow::Result<vmm::Settings> {
         stop_timeout: Duration::from_secs(c.stop_timeout_secs.unwrap_or(10)),
         boot_timeout: Duration::from_secs(c.boot_timeout_secs.unwrap_or(120)),
         cgroups: cgroups(c)?,
+        jail: jail(c)?,
     })
 }
 

@@ -170,13 +170,15 @@ impl Peers {
             .collect())
     }
 
-    /// Creates (or confirms) `vm`'s TAP on `network` for its leased address `ip`: its name and
-    /// the guest's MAC.
+    /// Creates (or confirms) `vm`'s TAP on `network` for its leased address `ip`, for the
+    /// hypervisor running as `owner` (0: vmmd's own user) to attach to: its name and the
+    /// guest's MAC.
     pub async fn create_tap(
         &self,
         network: &str,
         vm: &str,
         ip: IpAddr,
+        owner: u32,
     ) -> Result<(String, String), Status> {
         let reply = self
             .net
@@ -186,6 +188,7 @@ impl Peers {
                     network: network.into(),
                     vm: vm.into(),
                     ip: ip.to_string(),
+                    owner_uid: owner,
                 },
                 vm,
             ))

@@ -94,9 +94,13 @@ pub struct VmRecord {
     /// Its vsock context id (vsock mode), chosen when it is recorded.
     #[serde(default)]
     pub cid: Option<u32>,
-    /// The host end of its vsock, `<run-dir>/vsock-<cid>.sock` (vsock mode).
+    /// The host end of its vsock, `<run-dir>/vms/<vm>/vsock.sock` (vsock mode; a link to it is
+    /// `<run-dir>/vsock-<cid>.sock`).
     #[serde(default)]
     pub vsock_socket: String,
+    /// The uid (and gid) its hypervisor runs as; given at its first launch.
+    #[serde(default)]
+    pub uid: Option<u32>,
     /// vCPUs.
     pub cpu_cores: u32,
     /// Memory in MiB.
@@ -138,6 +142,10 @@ pub struct Paths {
     pub api_lock: PathBuf,
     /// The vhost-user socket between QEMU and its vsock backend (vsock mode).
     pub vhost_socket: PathBuf,
+    /// The host end of its hybrid vsock (vsock mode).
+    pub vsock: PathBuf,
+    /// Its directory in the run directory, its hypervisor's own: the sockets above.
+    pub jail: PathBuf,
     run_dir: PathBuf,
 }
 
@@ -145,20 +153,24 @@ impl Paths {
     /// The paths of VM `name`.
     pub fn of(state_dir: &Path, run_dir: &Path, name: &str) -> Paths {
         let dir = state_dir.join("vms").join(name);
+        let jail = run_dir.join("vms").join(name);
         Paths {
             serial: dir.join("serial.log"),
             hypervisor_log: dir.join("hypervisor.log"),
             initramfs: dir.join("initramfs"),
-            api_socket: run_dir.join(format!("vmm-{name}.sock")),
-            api_lock: run_dir.join(format!("vmm-{name}.sock.lock")),
-            vhost_socket: run_dir.join(format!("vhost-vsock-{name}.sock")),
+            api_socket: jail.join("api.sock"),
+            api_lock: jail.join("api.sock.lock"),
+            vhost_socket: jail.join("vhost.sock"),
+            vsock: jail.join("vsock.sock"),
             run_dir: run_dir.to_path_buf(),
+            jail,
             dir,
         }
     }
 
-    /// The host end of the hybrid vsock of context id `cid`.
-    pub fn vsock(&self, cid: u32) -> PathBuf {
+    /// The link `<run-dir>/vsock-<cid>.sock` to the host end of the hybrid vsock of context id
+    /// `cid`, where operators look for it.
+    pub fn vsock_link(&self, cid: u32) -> PathBuf {
         self.run_dir.join(format!("vsock-{cid}.sock"))
     }
 }

@@ -26,6 +26,7 @@ use crate::driver::qemu::Qemu;
 use crate::driver::{Driver, LaunchSpec, Nic, Vsock};
 use crate::guest;
 use crate::initramfs;
+use crate::jail::{self, Jail};
 use crate::manifest::{Hypervisor, Manifest, Mode};
 use crate::peers::Peers;
 use crate::process;
@@ -67,6 +68,8 @@ pub struct Settings {
     pub boot_timeout: Duration,
     /// Where each VM's cgroup goes; `None`: VMs run without limits.
     pub cgroups: Option<Cgroups>,
+    /// The uids VMs' hypervisors run as; `None` when vmmd is not root (they run as vmmd).
+    pub jail: Option<Jail>,
 }
 
 /// A request to create a VM, as received.
@@ -525,6 +528,7 @@ impl Vmm {
             tap: String::new(),
             cid: None,
             vsock_socket: String::new(),
+            uid: None,
             cpu_cores,
             memory_mb,
             extra_cmdline: req.kernel_cmdline.trim().to_string(),
@@ -554,7 +558,7 @@ impl Vmm {
                     let cid = (3..u32::MAX).find(|c| !taken.contains(c));
                     record.cid = cid;
                     record.vsock_socket = cid
-                        .map(|c| self.paths(&req.name).vsock(c).display().to_string())
+                        .map(|_| self.paths(&req.name).vsock.display().to_string())
                         .unwrap_or_default();
                 }
                 self.store.put_vm(&record).map_err(store_err)?;
@@ -614,6 +618,7 @@ impl Vmm {
     /// Takes a created or stopped VM to running: address, TAP, hypervisor. On failure the
     /// caller undoes what was done.
     async fn bring_up(self: &Arc<Self>, name: &str) -> Result<VmRecord, Status> {
+        self.prepare_jail(name).await?;
         let rec = self.get(name)?;
         if rec.mode == Mode::Vsock {
             self.peers
@@ -639,7 +644,7 @@ impl Vmm {
                 })?;
             let (tap, mac) = self
                 .peers
-                .create_tap(&rec.network, name, lease.ip)
+                .create_tap(&rec.network, name, lease.ip, rec.uid.unwrap_or(0))
                 .instrument(
                     tracing::info_span!("netd.create_tap", vm = %name, network = %rec.network),
                 )
@@ -653,6 +658,43 @@ impl Vmm {
             })?;
         }
         self.launch(name).await
+    }
+
+    /// Gives VM `name` its uid (the lowest of the range no other VM holds, kept from then on)
+    /// and its directory in the run directory, owned by that uid.
+    async fn prepare_jail(&self, name: &str) -> Result<(), Status> {
+        let paths = self.paths(name);
+        let Some(jail) = &self.settings.jail else {
+            return std::fs::create_dir_all(&paths.jail)
+                .map_err(|e| Status::internal(format!("creating {}: {e}", paths.jail.display())));
+        };
+        let uid = {
+            let mut vms = lock(&self.vms);
+            let held = vms.get(name).and_then(|r| r.uid).filter(|u| jail.holds(*u));
+            match held {
+                Some(uid) => uid,
+                None => {
+                    let taken: std::collections::HashSet<u32> =
+                        vms.values().filter_map(|r| r.uid).collect();
+                    let uid = jail.free_uid(&taken).ok_or_else(|| {
+                        Status::resource_exhausted(
+                            "every uid of vmmd.hypervisor_uids is taken: widen the range",
+                        )
+                    })?;
+                    let rec = vms
+                        .get_mut(name)
+                        .ok_or_else(|| Status::not_found(format!("vm {name:?} is gone")))?;
+                    rec.uid = Some(uid);
+                    self.store.put_vm(rec).map_err(store_err)?;
+                    uid
+                }
+            }
+        };
+        self.durable(self.durability.record()).await;
+        let parent = paths.jail.parent().expect("a VM directory has a parent");
+        std::fs::create_dir_all(parent)
+            .map_err(|e| Status::internal(format!("creating {}: {e}", parent.display())))?;
+        jail::own_dir(&paths.jail, uid).map_err(Status::internal)
     }
 
     /// The proxyd route of a vsock VM.
@@ -716,6 +758,20 @@ impl Vmm {
         .await
         .map_err(|e| Status::internal(format!("initramfs task: {e}")))?
         .map_err(Status::failed_precondition)?;
+        let identity = match (&self.settings.jail, rec.uid) {
+            (Some(jail), Some(uid)) => {
+                jail::own_file(&paths.initramfs, uid, 0o400).map_err(Status::internal)?;
+                jail::own_file(&paths.serial, uid, 0o640).map_err(Status::internal)?;
+                Some(jail.identity(uid))
+            }
+            _ => None,
+        };
+        if let Some(cid) = rec.cid {
+            let link = paths.vsock_link(cid);
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&paths.vsock, &link)
+                .map_err(|e| Status::internal(format!("linking {}: {e}", link.display())))?;
+        }
         let initramfs = paths.initramfs.display().to_string();
         let limits = Limits {
             cpus: rec.cpu_cores,
@@ -750,6 +806,7 @@ impl Vmm {
             paths: &paths,
             accel: &accel,
             cgroup: &cgroup,
+            identity: identity.as_ref(),
         };
         let launched = driver
             .launch(&spec)
@@ -887,6 +944,9 @@ impl Vmm {
         }
         if !rec.vsock_socket.is_empty() {
             let _ = std::fs::remove_file(&rec.vsock_socket);
+        }
+        if let Some(cid) = rec.cid {
+            let _ = std::fs::remove_file(paths.vsock_link(cid));
         }
         self.remove_cgroup(&rec.name);
     }
@@ -1038,6 +1098,7 @@ impl Vmm {
         };
         lock(&self.exits).remove(name);
         let _ = std::fs::remove_dir_all(self.paths(name).dir);
+        let _ = std::fs::remove_dir_all(self.paths(name).jail);
         self.remove_cgroup(name);
         self.durable(seq).await;
         Ok(true)
@@ -1157,9 +1218,12 @@ impl Vmm {
             .filter(|r| r.status.up())
             .filter_map(|r| r.pid)
             .collect();
-        let sockets = self.settings.run_dir.join("vmm-").display().to_string();
-        for pid in process::find_by_arg(&sockets) {
-            if !recorded.contains(&pid) {
+        // Hypervisors name their API socket, <run-dir>/vms/<vm>/api.sock (vsock backends name
+        // other sockets of that directory).
+        let jails = self.settings.run_dir.join("vms").display().to_string();
+        let apis = process::find_by_arg("/api.sock");
+        for pid in process::find_by_arg(&jails) {
+            if apis.contains(&pid) && !recorded.contains(&pid) {
                 tracing::warn!(pid, "stopping a hypervisor that no VM records");
                 process::signal(pid, libc::SIGKILL);
             }

@@ -133,7 +133,13 @@ impl Driver for CloudHypervisor {
                 hypervisor = "cloud-hypervisor"
             )
             .entered();
-            spawn(&self.binary, &args, &spec.paths.hypervisor_log, spec.cgroup)?
+            spawn(
+                &self.binary,
+                &args,
+                &spec.paths.hypervisor_log,
+                spec.cgroup,
+                spec.identity,
+            )?
         };
         let api = Api::new(&spec.paths.api_socket);
         wait_ready(
@@ -239,6 +245,7 @@ mod tests {
     async fn create_and_boot_send_the_documented_requests() {
         let dir = tempfile::tempdir().unwrap();
         let paths = Paths::of(dir.path(), dir.path(), "web");
+        std::fs::create_dir_all(&paths.jail).unwrap();
         let seen: Seen = Arc::default();
         double(&paths.api_socket, seen.clone());
         let spec = LaunchSpec {
@@ -256,6 +263,7 @@ mod tests {
             paths: &paths,
             accel: "kvm",
             cgroup: &[],
+            identity: None,
         };
         let api = Api::new(&paths.api_socket);
         api.call(Method::GET, "vmm.ping", None).await.unwrap();
@@ -328,6 +336,7 @@ mod tests {
             paths: &paths,
             accel: "kvm",
             cgroup: &[],
+            identity: None,
         };
         let config = vm_config(&spec);
         assert_eq!(config["vsock"]["cid"], 7);

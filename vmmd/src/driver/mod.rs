@@ -49,6 +49,8 @@ pub struct LaunchSpec<'a> {
     pub accel: &'a str,
     /// The VM's open `cgroup.procs` files, which its processes join before they execute.
     pub cgroup: &'a [std::os::fd::RawFd],
+    /// The identity its processes take before they execute; `None`: vmmd's own.
+    pub identity: Option<&'a crate::jail::Identity>,
 }
 
 /// A started hypervisor.
@@ -76,7 +78,8 @@ pub trait Driver: Send + Sync {
 }
 
 /// Spawns a hypervisor process: its own session (signals to vmmd do not reach it, and it
-/// survives vmmd), in the VM's cgroup (`cgroup`: open `cgroup.procs` files), `no_new_privs`
+/// survives vmmd), in the VM's cgroup (`cgroup`: open `cgroup.procs` files), as the VM's
+/// `identity`, `no_new_privs`
 /// (nothing it executes can gain privileges: no setuid or file capabilities), stdout and
 /// stderr appended to `log`.
 pub fn spawn(
@@ -84,6 +87,7 @@ pub fn spawn(
     args: &[String],
     log: &Path,
     cgroup: &[std::os::fd::RawFd],
+    identity: Option<&crate::jail::Identity>,
 ) -> Result<(tokio::process::Child, Duration), String> {
     let started = Instant::now();
     if let Some(dir) = log.parent() {
@@ -102,12 +106,16 @@ pub fn spawn(
         .stderr(err)
         .kill_on_drop(false);
     let cgroup = cgroup.to_vec();
+    let identity = identity.cloned();
     // SAFETY: setsid, write and prctl are async-signal-safe system calls, and nothing here
     // allocates.
     unsafe {
         cmd.pre_exec(move || {
             libc::setsid();
             crate::cgroup::join(&cgroup)?;
+            if let Some(id) = &identity {
+                crate::jail::enter(id)?;
+            }
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }

@@ -46,6 +46,7 @@ impl Qemu {
             &args,
             &spec.paths.hypervisor_log,
             spec.cgroup,
+            spec.identity,
         )?;
         let socket = spec.paths.vhost_socket.clone();
         let waited = wait_ready(
@@ -182,6 +183,7 @@ impl Driver for Qemu {
                 &args(spec),
                 &spec.paths.hypervisor_log,
                 spec.cgroup,
+                spec.identity,
             )?
         };
         let api = spec.paths.api_socket.clone();
@@ -262,6 +264,7 @@ mod tests {
             paths: &paths,
             accel: "tcg",
             cgroup: &[],
+            identity: None,
             vsock: None,
         };
         let a = args(&spec).join(" ");
@@ -271,7 +274,7 @@ mod tests {
              resourcecontrol=deny -display none",
             "-kernel /k -initrd /i -append console=ttyS0 volant.ip=192.168.127.100/24",
             "file,id=serial0,path=/var/lib/volant/vmmd/vms/web/serial.log,append=on",
-            "-qmp unix:/run/volant/vmm-web.sock,server=on,wait=off",
+            "-qmp unix:/run/volant/vms/web/api.sock,server=on,wait=off",
             "tap,id=net0,ifname=vmtap-web,script=no,downscript=no,vhost=off",
             "virtio-net-pci,netdev=net0,mac=02:00:00:00:00:01",
         ] {
@@ -299,12 +302,13 @@ mod tests {
             paths: &paths,
             accel: "tcg",
             cgroup: &[],
+            identity: None,
         };
         let a = args(&spec).join(" ");
         for want in [
             "-machine pc,memory-backend=mem",
             "-object memory-backend-memfd,id=mem,size=256M,share=on",
-            "-chardev socket,id=vsock0,path=/run/volant/vhost-vsock-safe.sock",
+            "-chardev socket,id=vsock0,path=/run/volant/vms/safe/vhost.sock",
             "-device vhost-user-vsock-pci,chardev=vsock0",
         ] {
             assert!(a.contains(want), "{want} missing from {a}");
