@@ -299,9 +299,17 @@ impl Daemon {
                 .and_then(|c| c.try_wait().ok().flatten())
             {
                 panic!(
-                    "{} exited with {status} before serving:\n{}",
+                    "{} exited with {status} before serving:\n{}\nholding its files: {:?}",
                     self.name,
-                    self.log_text()
+                    self.log_text(),
+                    holders(
+                        &self
+                            .log
+                            .parent()
+                            .unwrap_or(Path::new("/"))
+                            .display()
+                            .to_string()
+                    )
                 );
             }
             if self.name == "gateway" {
@@ -773,6 +781,31 @@ pub fn run_leftovers(run: &Path) -> Vec<String> {
     }
     left.sort();
     left
+}
+
+/// The processes with a sled store open below `dir` (whoever holds its lock): pid, arguments,
+/// the file.
+fn holders(dir: &str) -> Vec<(i32, String, String)> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for pid in procs.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.filter_map(|e| e.ok()) {
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            if target.starts_with(dir) && target.to_string_lossy().contains(".sled") {
+                let args = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let args = String::from_utf8_lossy(&args).replace('\0', " ");
+                found.push((pid, args, target.display().to_string()));
+            }
+        }
+    }
+    found
 }
 
 /// The cgroup of process `pid` (or `self`) in the hierarchy of `controller` (`""`: v2), as

@@ -634,6 +634,15 @@ async fn bad_input_gets_a_400_that_names_the_problem_at_every_endpoint() {
         ("DELETE", "/plugins/Bad_".into(), None, 400, "plugin name"),
         ("GET", "/nope".into(), None, 404, "no such endpoint"),
         ("PUT", "/vms".into(), None, 405, "not allowed"),
+        // A network without an address pool: refused, and no failed VM is left to block a
+        // retry once the network exists (`GET /vms` below is still empty).
+        (
+            "POST",
+            "/vms".into(),
+            Some(r#"{"name":"vm1","plugin":"hello","network":"bridge=volant9"}"#.into()),
+            404,
+            "has no address pool",
+        ),
     ];
     let before = fd.curl("GET", "/networks", None, false).1;
     for (method, path, body, status, why) in &cases {

@@ -396,12 +396,17 @@ async fn vms_boot_on_the_bridge_talk_and_leave_nothing_behind() {
         "{}",
         err.message()
     );
-    let e = get(&mut vmm, "e").await;
-    assert_eq!(e.status, VmStatus::Failed as i32);
+    // Refused before anything started: nothing of it is kept, so the same name is free.
     assert!(
-        e.ip_address.is_empty() && e.tap_device.is_empty() && e.pid == 0,
-        "{e:?}"
+        err.message().contains("nothing of vm \"e\" was kept"),
+        "{}",
+        err.message()
     );
+    let gone = vmm
+        .get_vm(GetVmRequest { name: "e".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
     let broken = hello_manifest()
         .replace("\"hello\"", "\"broken\"")
         .replace("vmlinux\"", "hello.cpio.gz\"");
@@ -477,12 +482,26 @@ async fn vms_boot_on_the_bridge_talk_and_leave_nothing_behind() {
             "{name}: {seen:?}"
         );
     }
-    let failed = (
-        "e".to_string(),
-        VmStatus::Creating as i32,
-        VmStatus::Failed as i32,
+    // The refused create came and went; the one whose hypervisor could not start stays failed
+    // and says why.
+    for (name, to) in [("e", VmStatus::Unspecified), ("f", VmStatus::Failed)] {
+        let event = (name.to_string(), VmStatus::Creating as i32, to as i32);
+        assert!(seen.contains(&event), "{event:?} in {seen:?}");
+    }
+    let f = get(&mut vmm, "f").await;
+    assert!(
+        f.status == VmStatus::Failed as i32 && f.error.contains("could not start"),
+        "{f:?}"
     );
-    assert!(seen.contains(&failed), "{seen:?}");
+    // The refused name is free: created again where there is room, it is created.
+    let e = vmm
+        .create_vm(create("e", "", ""))
+        .await
+        .unwrap()
+        .into_inner()
+        .vm
+        .unwrap();
+    assert_eq!(e.status, VmStatus::Booting as i32, "{e:?}");
 
     // vmmd crashes; its VMs keep running and are re-adopted.
     cp.vmmd.kill9();

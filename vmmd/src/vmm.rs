@@ -586,7 +586,26 @@ impl Vmm {
             }
             Err(e) => {
                 let why = e.message().to_string();
-                self.tear_down(&req.name, false).await;
+                let leftover = self.tear_down(&req.name, false).await;
+                // Refused by a peer before the hypervisor started (no pool, pool full, unknown
+                // network, address taken, a peer down), with everything undone: no record, so
+                // that the same create succeeds once the cause is fixed. A hypervisor that could
+                // not start keeps a failed VM that says why.
+                let refused = matches!(
+                    e.code(),
+                    Code::NotFound
+                        | Code::ResourceExhausted
+                        | Code::InvalidArgument
+                        | Code::AlreadyExists
+                        | Code::Unavailable
+                );
+                if refused && leftover.is_none() {
+                    self.forget(&req.name).await?;
+                    return Err(Status::new(
+                        e.code(),
+                        format!("{why}; nothing of vm {:?} was kept", req.name),
+                    ));
+                }
                 let (_, seq) = self.update(&req.name, |r| {
                     r.status = VmStatus::Failed;
                     r.error = why.clone();
@@ -1087,6 +1106,12 @@ impl Vmm {
                 ),
             ));
         }
+        self.forget(name).await?;
+        Ok(true)
+    }
+
+    /// Removes VM `name`'s record and its files, once nothing else of it is left.
+    async fn forget(&self, name: &str) -> Result<(), Status> {
         let seq = {
             let mut vms = lock(&self.vms);
             self.store.delete_vm(name).map_err(store_err)?;
@@ -1101,7 +1126,7 @@ impl Vmm {
         let _ = std::fs::remove_dir_all(self.paths(name).jail);
         self.remove_cgroup(name);
         self.durable(seq).await;
-        Ok(true)
+        Ok(())
     }
 
     /// Starts a stopped or failed VM (running is fine too).
