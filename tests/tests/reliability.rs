@@ -61,6 +61,62 @@ async fn chaos_on_cloud_hypervisor() {
     chaos_on(control_plane_on_cloud_hypervisor(&ch).await).await;
 }
 
+/// The status of VM `name`, or `None` once it is gone.
+async fn status_of(cp: &ControlPlane, name: &str) -> Option<i32> {
+    match cp
+        .vmm()
+        .get_vm(volant_services::api::vmm::v1::GetVmRequest { name: name.into() })
+        .await
+    {
+        Ok(r) => r.into_inner().vm.map(|v| v.status),
+        Err(e) if e.code() == tonic::Code::NotFound => None,
+        Err(e) => panic!("{name}: {e}"),
+    }
+}
+
+/// Waits up to 30 s for VM `name` to be gone.
+async fn until_gone(cp: &ControlPlane, name: &str, why: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status_of(cp, name).await.is_some() {
+        assert!(Instant::now() < deadline, "{name} is still there: {why}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_stuck_delete_holds_up_no_other() {
+    let mut cp = control_plane().await;
+    // "a" (vsock) needs proxyd to go, "b" (bridge) needs netd; names in that order, as the
+    // reconciliation visits them.
+    for (name, network) in [("a", "vsock"), ("b", "")] {
+        cp.vmm().create_vm(request(name, network)).await.unwrap();
+    }
+    cp.proxyd.kill9();
+    cp.netd.kill9();
+    for name in ["a", "b"] {
+        let err = cp
+            .vmm()
+            .delete_vm(DeleteVmRequest {
+                name: name.into(),
+                force: false,
+            })
+            .await
+            .unwrap_err();
+        assert!(err.message().contains("retry"), "{name}: {err:?}");
+    }
+    // netd is back, proxyd is not: b's delete finishes by reconciliation, a's cannot yet.
+    cp.netd.restart().await;
+    until_gone(&cp, "b", "a stuck delete held up the reconciliation").await;
+    assert_eq!(
+        status_of(&cp, "a").await,
+        Some(volant_services::api::vmm::v1::VmStatus::Deleting as i32)
+    );
+    cp.proxyd.restart().await;
+    until_gone(&cp, "a", "proxyd is back").await;
+    let bad = converge(&cp, Duration::from_secs(30)).await;
+    assert!(bad.is_empty(), "{bad:#?}");
+}
+
 async fn chaos_on(mut cp: ControlPlane) {
     let cycles: u64 = env_or("VOLANT_CHAOS_CYCLES", 12);
     let seed: u64 = env_or(

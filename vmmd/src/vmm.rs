@@ -1332,22 +1332,39 @@ impl Vmm {
     /// One round: finishes deletes that a peer's failure interrupted, then makes the peers'
     /// leases, TAPs and routes match the VM records.
     pub async fn reconcile_once(&self) -> Result<(), Status> {
+        // Each VM's delete on its own: one that cannot finish (its peer is down) holds up no
+        // other, nor the comparison with the peers below.
+        let mut stuck = Vec::new();
         for rec in self.list() {
-            if rec.status == VmStatus::Deleting {
-                self.delete(&rec.name, false).await?;
+            if rec.status == VmStatus::Deleting
+                && let Err(e) = self.delete(&rec.name, false).await
+            {
+                tracing::warn!(vm = %rec.name, "finishing its delete: {}", e.message());
+                stuck.push((rec.name, e));
             }
         }
         self.sweep_cgroups();
         let vsock_vms = self.list().iter().any(|r| r.mode == Mode::Vsock);
-        self.reconcile_peers().await?;
-        match self.reconcile_routes().await {
+        let peers = self.reconcile_peers().await;
+        let routes = match self.reconcile_routes().await {
             Err(e) if vsock_vms => Err(e),
             Err(e) => {
                 tracing::debug!("reconciling with proxyd: {}", e.message());
                 Ok(())
             }
             Ok(()) => Ok(()),
+        };
+        if let Some((vm, e)) = stuck.first() {
+            return Err(Status::new(
+                e.code(),
+                format!(
+                    "{} delete(s) could not finish yet, vm {vm:?}'s first: {}",
+                    stuck.len(),
+                    e.message()
+                ),
+            ));
         }
+        peers.and(routes)
     }
 
     /// Holds every VM's lock: no create, delete, start or stop runs meanwhile, so the records
