@@ -6,11 +6,10 @@
 //!
 //! Every problem is collected, so the console names them all at once.
 
-use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use base64::Engine as _;
-use serde::Deserialize;
+pub use volant_boot::Workload;
 
 /// The longest `volant.workload` value accepted.
 pub const MAX_WORKLOAD: usize = 2048;
@@ -22,53 +21,6 @@ pub enum Mode {
     Bridge,
     /// No network device; the host is reached over vsock.
     Vsock,
-}
-
-/// What the workload is: the manifest's `workload`, as vmmd passes it on.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Workload {
-    /// Program and arguments; the program is an absolute path.
-    pub entrypoint: Vec<String>,
-    /// Environment.
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    /// Working directory (absolute).
-    #[serde(default)]
-    pub workdir: Option<String>,
-    /// The port the workload serves HTTP on.
-    #[serde(default)]
-    pub http_port: Option<u16>,
-}
-
-impl Workload {
-    /// Parses and checks the workload JSON.
-    pub fn from_json(json: &[u8]) -> Result<Workload, String> {
-        let w: Workload =
-            serde_json::from_slice(json).map_err(|e| format!("workload JSON: {e}"))?;
-        match w.entrypoint.first() {
-            None => return Err("workload: entrypoint is empty".into()),
-            Some(p) if !p.starts_with('/') => {
-                return Err(format!(
-                    "workload: entrypoint {p:?} is not an absolute path"
-                ));
-            }
-            _ => {}
-        }
-        if let Some(dir) = &w.workdir
-            && !dir.starts_with('/')
-        {
-            return Err(format!("workload: workdir {dir:?} is not an absolute path"));
-        }
-        if let Some(key) = w
-            .env
-            .keys()
-            .find(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
-        {
-            return Err(format!("workload: env name {key:?} is not valid"));
-        }
-        Ok(w)
-    }
 }
 
 /// Everything kestrel reads from the command line.

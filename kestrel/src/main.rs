@@ -17,7 +17,7 @@ use std::path::Path;
 use cmdline::{Boot, Mode, Workload};
 
 const MODULES: &str = "/etc/volant/modules";
-const WORKLOAD: &str = "/etc/volant/workload.json";
+const WORKLOAD: &str = volant_boot::WORKLOAD_FILE;
 
 fn say(line: &str) {
     println!("kestrel: {line}");

@@ -9,8 +9,10 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-/// Where kestrel reads the workload.
-const WORKLOAD: &str = "etc/volant/workload.json";
+/// Where kestrel reads the workload, as the archive names it (no leading `/`).
+fn workload_path() -> &'static str {
+    volant_boot::WORKLOAD_FILE.trim_start_matches('/')
+}
 
 /// One `newc` (SVR4, no checksum) entry.
 fn entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
@@ -51,7 +53,7 @@ pub fn workload_archive(workload: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     entry(&mut out, 1, "etc", 0o040755, &[]);
     entry(&mut out, 2, "etc/volant", 0o040755, &[]);
-    entry(&mut out, 3, WORKLOAD, 0o100600, workload);
+    entry(&mut out, 3, workload_path(), 0o100600, workload);
     entry(&mut out, 0, "TRAILER!!!", 0, &[]);
     out
 }
@@ -110,7 +112,7 @@ mod tests {
         let archive = dir.path().join("workload.cpio");
         std::fs::write(&archive, &bytes[4..]).unwrap();
         let listed = std::process::Command::new("cpio")
-            .args(["-i", "--quiet", "--to-stdout", WORKLOAD])
+            .args(["-i", "--quiet", "--to-stdout", workload_path()])
             .stdin(std::fs::File::open(&archive).unwrap())
             .output()
             .expect("cpio");

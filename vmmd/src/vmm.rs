@@ -168,17 +168,13 @@ pub fn vm_pb(r: &VmRecord) -> pb::Vm {
 
 /// The workload as kestrel reads it from `/etc/volant/workload.json`.
 fn workload_json(m: &Manifest) -> Vec<u8> {
-    let mut w = serde_json::json!({ "entrypoint": m.workload.entrypoint });
-    if !m.workload.env.is_empty() {
-        w["env"] = serde_json::json!(m.workload.env);
+    volant_boot::Workload {
+        entrypoint: m.workload.entrypoint.clone(),
+        env: m.workload.env.clone(),
+        workdir: m.workload.workdir.clone(),
+        http_port: m.workload.http_port(),
     }
-    if let Some(dir) = &m.workload.workdir {
-        w["workdir"] = dir.clone().into();
-    }
-    if let Some(port) = m.workload.http_port() {
-        w["http_port"] = port.into();
-    }
-    w.to_string().into_bytes()
+    .to_json()
 }
 
 fn netmask(prefix: u8) -> std::net::Ipv4Addr {

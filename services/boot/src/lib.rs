@@ -4,6 +4,11 @@
 //! the other side sees. The `volant.*` parameters are vmmd's alone: text from a request or a
 //! plugin that names one, in any spelling the kernel accepts, is refused, and so is text that
 //! would change how the rest of the line is split (an odd number of double quotes, `--`).
+//! The workload (entrypoint, env, workdir) is not on the line: it is the file of [`workload`].
+
+pub mod workload;
+
+pub use workload::{WORKLOAD_FILE, Workload};
 
 /// The prefix of the parameters vmmd sets.
 pub const PREFIX: &str = "volant.";
