@@ -227,20 +227,21 @@ impl Ingress {
     async fn exchange(&self, conn: Conn<'_>, req: Request) -> bool {
         let Some((vm, policy)) = self.routes.route(&req.vm) else {
             conn.pool.forget(&req.vm);
-            let refusal = Refusal {
-                status: StatusCode::NOT_FOUND,
-                message: format!(
-                    "vm {:?} has no vsock route; is it a vsock VM that is running?",
-                    req.vm
-                ),
-                close: req.framing != Framing::None || !req.keep_alive,
-                len: 0,
-            };
-            let sent = conn.down.write_all(&wire::refusal(&refusal)).await;
-            return sent.is_ok() && !refusal.close;
+            let why = format!(
+                "vm {:?} has no vsock route; is it a vsock VM that is running?",
+                req.vm
+            );
+            return refuse(conn.down, &req, StatusCode::NOT_FOUND, why).await;
         };
         vm.stats.ingress_requests.fetch_add(1, Relaxed);
         let route = &policy.route;
+        if route.ingress_disabled {
+            let why = format!(
+                "vm {:?} takes no ingress: its plugin sets networking.proxy.enabled to false",
+                req.vm
+            );
+            return refuse(conn.down, &req, StatusCode::FORBIDDEN, why).await;
+        }
         let socket = Path::new(&route.socket);
         let down = conn.down;
         match self.forward(conn, &req, socket, route.ingress_port).await {
@@ -575,4 +576,17 @@ impl Shared {
             Shared::Tcp(l) => Listener::Tcp(tokio::net::TcpListener::from_std(l)?),
         })
     }
+}
+
+/// Answers `req` with `status` and `message` instead of forwarding it; returns whether the
+/// client connection goes on (not when the request's body, unread, follows).
+async fn refuse(down: &Socket, req: &Request, status: StatusCode, message: String) -> bool {
+    let refusal = Refusal {
+        status,
+        message,
+        close: req.framing != Framing::None || !req.keep_alive,
+        len: 0,
+    };
+    let sent = down.write_all(&wire::refusal(&refusal)).await;
+    sent.is_ok() && !refusal.close
 }

@@ -509,6 +509,7 @@ fn ports_are_policy() {
                     ingress_port: 8080,
                     egress: Some(p),
                     egress_socket: String::new(),
+                    ingress_disabled: false,
                 }),
             })
             .await

@@ -142,8 +142,32 @@ async fn ingress_routes_reuses_refuses_and_survives_a_crash() {
     raw.read_exact(&mut answer).await.unwrap();
     assert_eq!(&answer, b"HTTP/1.1 413");
 
-    // Bad registrations change nothing.
+    // A VM whose plugin turns ingress off: refused here, nothing reaches its guest.
     let mut api = px.api();
+    let closed = Route {
+        vm: "closed".into(),
+        cid: 11,
+        socket: px.run.join("vsock-11.sock").display().to_string(),
+        ingress_port: 8080,
+        egress: Some(EgressPolicy::default()),
+        egress_socket: String::new(),
+        ingress_disabled: true,
+    };
+    api.register_vm(RegisterVmRequest {
+        route: Some(closed),
+    })
+    .await
+    .unwrap();
+    let (code, _, body) = send(&mut c, get("/api/v1/vms/closed/proxy/")).await;
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("networking.proxy.enabled"), "{body}");
+    api.unregister_vm(UnregisterVmRequest {
+        vm: "closed".into(),
+    })
+    .await
+    .unwrap();
+
+    // Bad registrations change nothing.
     let bad = |vm: &str, cid: u32, socket: &str, domains: &[&str]| RegisterVmRequest {
         route: Some(Route {
             vm: vm.into(),
@@ -155,6 +179,7 @@ async fn ingress_routes_reuses_refuses_and_survives_a_crash() {
                 ..Default::default()
             }),
             egress_socket: String::new(),
+            ingress_disabled: false,
         }),
     };
     let sock = px.run.join("vsock-9.sock").display().to_string();

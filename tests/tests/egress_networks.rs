@@ -119,6 +119,7 @@ async fn a_vm_never_reaches_a_volant_network_whenever_it_was_made() {
             ..Default::default()
         }),
         egress_socket: String::new(),
+        ingress_disabled: false,
     };
     let egress = ProxyClient::new(cp.proxyd.channel())
         .register_vm(RegisterVmRequest { route: Some(route) })

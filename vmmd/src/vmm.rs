@@ -737,6 +737,12 @@ impl Vmm {
                 bytes_per_second: rate.and_then(|r| r.bytes_per_second).unwrap_or(0),
             }),
             egress_socket: String::new(),
+            ingress_disabled: rec
+                .manifest
+                .networking
+                .proxy
+                .as_ref()
+                .is_some_and(|p| !p.enabled),
         })
     }
 

@@ -180,6 +180,7 @@ impl Proxyd {
             ingress_port: 8080,
             egress: Some(egress),
             egress_socket: String::new(),
+            ingress_disabled: false,
         };
         self.api()
             .register_vm(RegisterVmRequest { route: Some(route) })
