@@ -94,6 +94,8 @@ pub struct Snapshot {
     pub run_files: Vec<String>,
     /// The VMs' directories in vmmd's state directory.
     pub vm_dirs: Vec<String>,
+    /// The VMs that have a cgroup, in each hierarchy.
+    pub cgroups: Vec<String>,
 }
 
 pub async fn snapshot(cp: &ControlPlane) -> Result<Snapshot, String> {
@@ -155,6 +157,17 @@ pub async fn snapshot(cp: &ControlPlane) -> Result<Snapshot, String> {
             .sh("iptables-save | grep -v '^#' | grep -i volant || true"),
         run_files: crate::run_leftovers(&cp.run_dir()),
         vm_dirs: names_in(&cp.root.path().join("vmmd/state/vms")),
+        cgroups: crate::vm_cgroups(&crate::cgroup_of(cp.root.path()))
+            .iter()
+            .flat_map(|d| {
+                std::fs::read_dir(d)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|e| e.ok())
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .filter_map(|e| e.file_name().into_string().ok())
+            })
+            .collect(),
     })
 }
 
@@ -288,6 +301,11 @@ pub fn at_rest(s: &Snapshot) -> Vec<String> {
             bad.push(format!(
                 "vmmd keeps the directory of {d}, which does not exist"
             ));
+        }
+    }
+    for vm in &s.cgroups {
+        if !running(vm) {
+            bad.push(format!("a cgroup for {vm}, which is not running"));
         }
     }
     let mut lines = BTreeSet::new();

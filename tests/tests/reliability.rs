@@ -3,7 +3,7 @@
 //! restarted. After each cycle the system must converge to the invariants
 //! ([`volant_tests::invariants`]): no address leased twice, no lease, TAP, route, hypervisor or
 //! vsock backend without a VM that holds it, no file of a VM that is gone (or down) in the run
-//! or state directories, no duplicated iptables rule, every VM running (with exactly one
+//! or state directories, no cgroup of a VM that is not running, no duplicated iptables rule, every VM running (with exactly one
 //! hypervisor) or cleanly failed (holding nothing). Some creates are abandoned by
 //! their caller after a short deadline, which must not leave a VM half made. Short form here
 //! (`VOLANT_CHAOS_CYCLES`, default 12); the long form by hand:
