@@ -20,7 +20,7 @@ pub async fn connect(socket: &Path, port: u32, limit: Duration) -> Result<UnixSt
 }
 
 async fn handshake(socket: &Path, port: u32) -> Result<UnixStream, String> {
-    let mut s = UnixStream::connect(socket)
+    let mut s = volant_services::daemon::connect_unix(socket)
         .await
         .map_err(|e| format!("the VM's vsock socket {} refused: {e}", socket.display()))?;
     s.write_all(format!("CONNECT {port}\n").as_bytes())

@@ -426,7 +426,7 @@ fn bind_egress(path: &std::path::Path) -> Result<tokio::net::UnixListener, Statu
         .and_then(|d| std::fs::metadata(d).ok())
         .is_some_and(|m| m.permissions().mode() & 0o007 == 0);
     if guarded {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        volant_services::daemon::chmod_socket(path, 0o666)
             .map_err(|e| Status::internal(format!("{}: {e}", path.display())))?;
     }
     Ok(listener)

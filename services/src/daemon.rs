@@ -348,8 +348,55 @@ pub fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
     }
     let listener = UnixListener::bind(path)
         .with_context(|| format!("listening on unix:{}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    chmod_socket(path, 0o600).with_context(|| format!("securing {}", path.display()))?;
     Ok(listener)
+}
+
+/// The socket file at `path` itself, opened without following a link: a symbolic link (or
+/// anything but a socket) there is refused. Where another user may rename entries of the
+/// directory (a VM's directory is its hypervisor's), a socket swapped for a link must not lead
+/// root elsewhere.
+fn socket_file(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: open(2) on a NUL-terminated path that outlives the call.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor that nothing else owns.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let meta = std::fs::metadata(proc_fd(&fd))?;
+    if !meta.file_type().is_socket() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a socket (a link or another file took its place)",
+            path.display()
+        )));
+    }
+    Ok(fd)
+}
+
+fn proc_fd(fd: &std::os::fd::OwnedFd) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// Connects to the Unix socket at `path`, never through a symbolic link in its place.
+pub async fn connect_unix(path: &Path) -> std::io::Result<tokio::net::UnixStream> {
+    let fd = socket_file(path)?;
+    tokio::net::UnixStream::connect(proc_fd(&fd)).await
+}
+
+/// Sets the mode of the socket file at `path`, never through a symbolic link in its place.
+pub fn chmod_socket(path: &Path, mode: u32) -> std::io::Result<()> {
+    let fd = socket_file(path)?;
+    std::fs::set_permissions(proc_fd(&fd), std::fs::Permissions::from_mode(mode))
 }
 
 /// Runs a daemon: transparent huge pages off for the process first (an allocator that commits

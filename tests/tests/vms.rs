@@ -555,6 +555,33 @@ async fn vms_boot_on_the_bridge_talk_and_leave_nothing_behind() {
     );
     assert_eq!(page(&cp, "192.168.127.101", "/cgi-bin/whoami"), "b");
 
+    // An escaped hypervisor swaps its QMP socket for a link to another VM's: stopping its own VM
+    // must not reach that other VM (vmmd never follows a link to a socket).
+    let link = format!(
+        "ln -sfn {} {}",
+        cp.run_dir().join("vms/b/api.sock").display(),
+        cp.run_dir().join("vms/a/api.sock").display()
+    );
+    let (ok, out) = volant_tests::try_sh(&format!(
+        "setpriv --reuid={a_uid} --regid={a_uid} --clear-groups -- {link}"
+    ));
+    assert!(ok, "{out}");
+    let b_now = get(&mut vmm, "b").await;
+    let stopped = vmm
+        .stop_vm(StopVmRequest { name: "a".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .vm
+        .unwrap();
+    assert_eq!(stopped.status, VmStatus::Stopped as i32);
+    let b_after = get(&mut vmm, "b").await;
+    assert!(
+        b_after.status == VmStatus::Running as i32 && b_after.pid == b_now.pid && alive(b_now.pid),
+        "stopping a reached b: {b_after:?}"
+    );
+    assert_eq!(page(&cp, "192.168.127.101", "/cgi-bin/whoami"), "b");
+
     // Delete everything: no lease, no TAP, no hypervisor, no stray rule.
     let pids: Vec<i64> = vmm
         .list_vms(ListVmsRequest {})
@@ -642,7 +669,9 @@ async fn vms_boot_on_the_bridge_talk_and_leave_nothing_behind() {
     assert_eq!(
         seen,
         [
-            (VmStatus::Running as i32, deleting, false),
+            (VmStatus::Running as i32, VmStatus::Stopping as i32, false),
+            (VmStatus::Stopping as i32, VmStatus::Stopped as i32, false),
+            (VmStatus::Stopped as i32, deleting, false),
             (deleting, VmStatus::Unspecified as i32, true)
         ],
         "a's events after the restart"

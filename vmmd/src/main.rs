@@ -1,6 +1,7 @@
 //! vmmd: the owner of plugins, VMs and their hypervisors.
 
 mod accel;
+mod boot;
 mod cgroup;
 mod driver;
 mod grpc;

@@ -20,6 +20,7 @@ use volant_services::durability::Durability;
 use volant_services::validate::dns_label;
 
 use crate::accel::Accel;
+use crate::boot::{cmdline, workload_json};
 use crate::cgroup::{Cgroups, Limits};
 use crate::driver::cloud_hypervisor::CloudHypervisor;
 use crate::driver::qemu::Qemu;
@@ -32,8 +33,6 @@ use crate::peers::Peers;
 use crate::process;
 use crate::records::{Paths, Plugin, Status as VmStatus, Store, VmRecord};
 
-/// The kernel's command-line limit on x86 (COMMAND_LINE_SIZE, including the NUL).
-const CMDLINE_MAX: usize = 2048;
 /// How many locks the VMs' operations are spread over.
 const VM_LOCKS: usize = 64;
 /// How many creates, starts and deletes run at once; the rest wait their turn, so that a burst
@@ -164,69 +163,6 @@ pub fn vm_pb(r: &VmRecord) -> pb::Vm {
         gateway: r.gateway.map(|g| g.to_string()).unwrap_or_default(),
         http_port: r.manifest.workload.http_port().map_or(0, u32::from),
     }
-}
-
-/// The workload as kestrel reads it from `/etc/volant/workload.json`.
-fn workload_json(m: &Manifest) -> Vec<u8> {
-    volant_boot::Workload {
-        entrypoint: m.workload.entrypoint.clone(),
-        env: m.workload.env.clone(),
-        workdir: m.workload.workdir.clone(),
-        http_port: m.workload.http_port(),
-    }
-    .to_json()
-}
-
-fn netmask(prefix: u8) -> std::net::Ipv4Addr {
-    std::net::Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0))
-}
-
-/// The kernel command line of a VM: the plugin's and the request's text first (checked to name
-/// no `volant.*` parameter and to close its quotes), then vmmd's parameters, each once.
-pub fn cmdline(r: &VmRecord, dns: &[IpAddr]) -> Result<String, String> {
-    let m = &r.manifest;
-    let mut parts: Vec<String> = Vec::new();
-    for (what, text) in [
-        ("boot.cmdline", &m.boot.cmdline),
-        ("kernel_cmdline", &r.extra_cmdline),
-    ] {
-        volant_boot::check_user_text(text).map_err(|e| format!("{what}: {e}"))?;
-        if !text.is_empty() {
-            parts.push(text.clone());
-        }
-    }
-    parts.push(format!("volant.mode={}", r.mode.as_str()));
-    parts.push(format!("volant.name={}", r.name));
-    if let (Some(ip), Some(gw)) = (r.ip, r.gateway) {
-        parts.push(format!("volant.ip={ip}/{}", r.prefix_len));
-        parts.push(format!("volant.gw={gw}"));
-        parts.push(format!(
-            "ip={ip}::{gw}:{}:{}:eth0:off",
-            netmask(r.prefix_len),
-            r.name
-        ));
-    }
-    if !dns.is_empty() {
-        let list: Vec<String> = dns.iter().map(|d| d.to_string()).collect();
-        parts.push(format!("volant.dns={}", list.join(",")));
-    }
-    if let Some(port) = m.workload.http_port() {
-        parts.push(format!("volant.http_port={port}"));
-    }
-    if r.mode == crate::manifest::Mode::Vsock {
-        let port = m.networking.proxy.as_ref().map_or(8080, |p| p.port);
-        parts.push(format!("volant.vsock_port={port} volant.egress_port=3128"));
-    }
-    let line = parts.join(" ");
-    if line.len() >= CMDLINE_MAX {
-        return Err(format!(
-            "the kernel command line would be {} bytes; the limit is {}: shorten boot.cmdline or \
-             kernel_cmdline",
-            line.len(),
-            CMDLINE_MAX - 1
-        ));
-    }
-    Ok(line)
 }
 
 impl Vmm {
@@ -676,40 +612,52 @@ impl Vmm {
     }
 
     /// Gives VM `name` its uid (the lowest of the range no other VM holds, kept from then on)
-    /// and its directory in the run directory, owned by that uid.
+    /// and its directory in the run directory, owned by that uid. A record made before VM
+    /// directories existed has its vsock socket moved into its directory.
     async fn prepare_jail(&self, name: &str) -> Result<(), Status> {
         let paths = self.paths(name);
-        let Some(jail) = &self.settings.jail else {
-            return std::fs::create_dir_all(&paths.jail)
-                .map_err(|e| Status::internal(format!("creating {}: {e}", paths.jail.display())));
-        };
-        let uid = {
+        let vsock = paths.vsock.display().to_string();
+        let (uid, seq) = {
             let mut vms = lock(&self.vms);
-            let held = vms.get(name).and_then(|r| r.uid).filter(|u| jail.holds(*u));
-            match held {
-                Some(uid) => uid,
-                None => {
-                    let taken: std::collections::HashSet<u32> =
-                        vms.values().filter_map(|r| r.uid).collect();
-                    let uid = jail.free_uid(&taken).ok_or_else(|| {
-                        Status::resource_exhausted(
-                            "every uid of vmmd.hypervisor_uids is taken: widen the range",
-                        )
-                    })?;
-                    let rec = vms
-                        .get_mut(name)
-                        .ok_or_else(|| Status::not_found(format!("vm {name:?} is gone")))?;
-                    rec.uid = Some(uid);
-                    self.store.put_vm(rec).map_err(store_err)?;
-                    uid
-                }
+            let taken: std::collections::HashSet<u32> = vms
+                .iter()
+                .filter(|(n, _)| n.as_str() != name)
+                .filter_map(|(_, r)| r.uid)
+                .collect();
+            let rec = vms
+                .get_mut(name)
+                .ok_or_else(|| Status::not_found(format!("vm {name:?} is gone")))?;
+            let mut changed = false;
+            if rec.cid.is_some() && rec.vsock_socket != vsock {
+                rec.vsock_socket = vsock;
+                changed = true;
             }
+            if let Some(jail) = &self.settings.jail
+                && !rec.uid.is_some_and(|u| jail.holds(u))
+            {
+                rec.uid = Some(jail.free_uid(&taken).ok_or_else(|| {
+                    Status::resource_exhausted(
+                        "every uid of vmmd.hypervisor_uids is taken: widen the range",
+                    )
+                })?);
+                changed = true;
+            }
+            if changed {
+                self.store.put_vm(rec).map_err(store_err)?;
+            }
+            (rec.uid, changed.then(|| self.durability.record()))
         };
-        self.durable(self.durability.record()).await;
+        if let Some(seq) = seq {
+            self.durable(seq).await;
+        }
         let parent = paths.jail.parent().expect("a VM directory has a parent");
         std::fs::create_dir_all(parent)
             .map_err(|e| Status::internal(format!("creating {}: {e}", parent.display())))?;
-        jail::own_dir(&paths.jail, uid).map_err(Status::internal)
+        match (&self.settings.jail, uid) {
+            (Some(_), Some(uid)) => jail::own_dir(&paths.jail, uid).map_err(Status::internal),
+            _ => std::fs::create_dir_all(&paths.jail)
+                .map_err(|e| Status::internal(format!("creating {}: {e}", paths.jail.display()))),
+        }
     }
 
     /// The proxyd route of a vsock VM.

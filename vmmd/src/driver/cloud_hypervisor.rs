@@ -11,7 +11,6 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
-use tokio::net::UnixStream;
 use tracing::Instrument;
 
 use super::{Driver, LaunchSpec, Launched, clear_socket, spawn, wait_ready};
@@ -65,7 +64,7 @@ impl<'a> Api<'a> {
         endpoint: &str,
         body: Option<&Value>,
     ) -> Result<Bytes, String> {
-        let stream = UnixStream::connect(self.socket)
+        let stream = volant_services::daemon::connect_unix(self.socket)
             .await
             .map_err(|e| format!("{}: {e}", self.socket.display()))?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))

@@ -4,7 +4,6 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
 /// A negotiated QMP session.
@@ -16,7 +15,7 @@ pub struct Qmp {
 impl Qmp {
     /// Connects, reads the greeting and leaves capabilities negotiation mode.
     pub async fn connect(path: &Path) -> Result<Qmp, String> {
-        let stream = UnixStream::connect(path)
+        let stream = volant_services::daemon::connect_unix(path)
             .await
             .map_err(|e| format!("QMP {}: {e}", path.display()))?;
         let (r, w) = stream.into_split();
