@@ -58,15 +58,6 @@ impl ApiError {
             details: json!({ "code": "NOT_FOUND" }),
         }
     }
-
-    /// A 412 with `message`.
-    pub fn precondition(message: impl Into<String>) -> ApiError {
-        ApiError {
-            status: StatusCode::PRECONDITION_FAILED,
-            error: message.into(),
-            details: json!({ "code": "FAILED_PRECONDITION" }),
-        }
-    }
 }
 
 impl From<tonic::Status> for ApiError {

@@ -284,14 +284,15 @@ pub struct Port {
     pub vm: String,
 }
 
-impl From<net::PortForward> for Port {
-    fn from(f: net::PortForward) -> Port {
+impl Port {
+    /// Forward `f` of VM `vm` at `vm_ip`.
+    pub fn of(vm: &str, vm_ip: &str, f: &vmm::PortForward) -> Port {
         Port {
             host_port: f.host_port,
-            guest_port: f.vm_port,
-            protocol: f.protocol,
-            vm_ip: f.vm_ip,
-            vm: f.vm,
+            guest_port: f.guest_port,
+            protocol: f.protocol.clone(),
+            vm_ip: vm_ip.to_string(),
+            vm: vm.to_string(),
         }
     }
 }

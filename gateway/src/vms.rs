@@ -7,7 +7,6 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use utoipa::IntoParams;
-use volant_services::api::net::v1 as net;
 use volant_services::api::vmm::v1 as vmm;
 
 use crate::error::{ApiError, Body, By, ErrorBody, Path, Query};
@@ -206,69 +205,59 @@ pub async fn ports(
     State(p): State<Peers>,
     Path(name): Path<String>,
 ) -> Result<List<Port>, ApiError> {
-    p.vmm
+    let vm = p
+        .vmm
         .clone()
-        .get_vm(req(vmm::GetVmRequest { name: name.clone() }, READ))
+        .get_vm(req(vmm::GetVmRequest { name }, READ))
         .await
-        .by("vmmd")?;
-    let fwd = p
-        .net
-        .clone()
-        .list_port_forwards(req(net::ListPortForwardsRequest { vm: name }, READ))
-        .await
-        .by("netd")?;
+        .by("vmmd")?
+        .into_inner()
+        .vm
+        .unwrap_or_default();
     Ok(List(
-        fwd.into_inner()
-            .forwards
-            .into_iter()
-            .map(Port::from)
+        vm.port_forwards
+            .iter()
+            .map(|f| Port::of(&vm.name, &vm.ip_address, f))
             .collect(),
     ))
 }
 
-/// Forwards a host port to the VM (DNAT).
+/// Forwards a host port to the VM (DNAT). The forward is kept with the VM and removed with it;
+/// adding the same forward again answers 200.
 #[utoipa::path(post, path = "/api/v1/vms/{name}/ports", tag = "ports", request_body = AddPort,
     params(("name" = String, Path, description = "VM name")),
-    responses((status = 503, body = ErrorBody), (status = 201, body = Port), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+    responses((status = 503, body = ErrorBody), (status = 201, body = Port), (status = 200, body = Port), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
               (status = 409, body = ErrorBody), (status = 412, body = ErrorBody)))]
 pub async fn add_port(
     State(p): State<Peers>,
     Path(name): Path<String>,
     Body(b): Body<AddPort>,
 ) -> Result<(StatusCode, Json<Port>), ApiError> {
-    let vm = p
-        .vmm
-        .clone()
-        .get_vm(req(vmm::GetVmRequest { name: name.clone() }, READ))
-        .await
-        .by("vmmd")?
-        .into_inner()
-        .vm
-        .unwrap_or_default();
-    if vm.ip_address.is_empty() {
-        return Err(ApiError::precondition(format!(
-            "vm {name:?} has no address to forward to (vsock mode, or no lease)"
-        )));
-    }
-    let f = net::PortForward {
+    let forward = vmm::PortForward {
         host_port: b.host_port,
         protocol: b.protocol.unwrap_or_else(|| "tcp".into()),
-        vm_ip: vm.ip_address,
-        vm_port: b.guest_port,
-        vm: name,
-        network: String::new(),
+        guest_port: b.guest_port,
     };
     let added = p
-        .net
+        .vmm
         .clone()
-        .add_port_forward(req(net::AddPortForwardRequest { forward: Some(f) }, WRITE))
+        .add_port_forward(req(
+            vmm::AddPortForwardRequest {
+                vm: name.clone(),
+                forward: Some(forward),
+            },
+            WRITE,
+        ))
         .await
-        .by("netd")?
+        .by("vmmd")?
         .into_inner();
-    let port = added.forward.map(Port::from).ok_or_else(|| {
-        ApiError::from(tonic::Status::internal("netd answered without a forward"))
-    })?;
-    Ok((StatusCode::CREATED, Json(port)))
+    let f = added.forward.unwrap_or_default();
+    let status = if added.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(Port::of(&name, &added.vm_ip, &f))))
 }
 
 /// Removes one of the VM's port forwards.
@@ -280,36 +269,17 @@ pub async fn remove_port(
     Path((name, host_port)): Path<(String, u32)>,
     Query(q): Query<Protocol>,
 ) -> Result<StatusCode, ApiError> {
-    let protocol = q.protocol.unwrap_or_else(|| "tcp".into());
-    let forwards = p
-        .net
-        .clone()
-        .list_port_forwards(req(net::ListPortForwardsRequest { vm: name.clone() }, READ))
-        .await
-        .by("netd")?
-        .into_inner()
-        .forwards;
-    if !forwards
-        .iter()
-        .any(|f| f.host_port == host_port && f.protocol == protocol)
-    {
-        return Err(ApiError::not_found(format!(
-            "vm {name:?} has no port forward from {protocol}/{host_port}"
-        )));
-    }
-    let target = net::remove_port_forward_request::Target::HostPort(net::HostPort {
-        port: host_port,
-        protocol,
-    });
-    p.net
+    p.vmm
         .clone()
         .remove_port_forward(req(
-            net::RemovePortForwardRequest {
-                target: Some(target),
+            vmm::RemovePortForwardRequest {
+                vm: name,
+                host_port,
+                protocol: q.protocol.unwrap_or_else(|| "tcp".into()),
             },
             WRITE,
         ))
         .await
-        .by("netd")?;
+        .by("vmmd")?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use volant_services::api::ipam::v1::ListLeasesRequest;
-use volant_services::api::net::v1::ListTapsRequest;
+use volant_services::api::net::v1::{ListPortForwardsRequest, ListTapsRequest};
 use volant_services::api::proxy::v1::ListRoutesRequest;
 use volant_services::api::proxy::v1::proxy_client::ProxyClient;
 use volant_services::api::vmm::v1::{CreateVmRequest, ListVmsRequest, Vm, VmStatus};
@@ -85,6 +85,8 @@ pub struct Snapshot {
     pub vms: BTreeMap<String, Vm>,
     pub leases: Vec<(String, String)>,
     pub taps: Vec<(String, String)>,
+    /// netd's port forwards: VM, address, `protocol/host port`, guest port.
+    pub forwards: Vec<(String, String, String, u32)>,
     pub links: BTreeSet<String>,
     pub routes: Vec<String>,
     pub hypervisors: Vec<String>,
@@ -124,6 +126,13 @@ pub async fn snapshot(cp: &ControlPlane) -> Result<Snapshot, String> {
         .map_err(e("ListTaps"))?
         .into_inner()
         .taps;
+    let forwards = cp
+        .net()
+        .list_port_forwards(ListPortForwardsRequest::default())
+        .await
+        .map_err(e("ListPortForwards"))?
+        .into_inner()
+        .forwards;
     let routes = ProxyClient::new(cp.proxyd.channel())
         .list_routes(ListRoutesRequest {})
         .await
@@ -135,6 +144,13 @@ pub async fn snapshot(cp: &ControlPlane) -> Result<Snapshot, String> {
         vms: vms.into_iter().map(|v| (v.name.clone(), v)).collect(),
         leases: leases.into_iter().map(|l| (l.ip, l.vm)).collect(),
         taps: taps.into_iter().map(|t| (t.name, t.vm)).collect(),
+        forwards: forwards
+            .into_iter()
+            .map(|f| {
+                let from = format!("{}/{}", f.protocol, f.host_port);
+                (f.vm, f.vm_ip, from, f.vm_port)
+            })
+            .collect(),
         links: cp
             .host
             .sh("ip -o link show master volant0 | awk -F': ' '{print $2}' | cut -d@ -f1")
@@ -253,6 +269,33 @@ pub fn at_rest(s: &Snapshot) -> Vec<String> {
     for link in &s.links {
         if !held.contains(link.as_str()) {
             bad.push(format!("TAP {link} on the bridge belongs to no VM"));
+        }
+    }
+    let recorded = |v: &Vm| -> Vec<(String, String, String, u32)> {
+        v.port_forwards
+            .iter()
+            .map(|f| {
+                let from = format!("{}/{}", f.protocol, f.host_port);
+                (v.name.clone(), v.ip_address.clone(), from, f.guest_port)
+            })
+            .collect()
+    };
+    for f in &s.forwards {
+        let (vm, ip, from, _) = f;
+        if !s.vms.get(vm).is_some_and(|v| recorded(v).contains(f)) {
+            bad.push(format!(
+                "port forward {from} to {ip} of {vm}, which does not hold it at that address"
+            ));
+        }
+    }
+    for v in s.vms.values().filter(|v| !v.ip_address.is_empty()) {
+        for f in recorded(v) {
+            if !s.forwards.contains(&f) {
+                bad.push(format!(
+                    "{} holds port forward {}, which netd lacks",
+                    v.name, f.2
+                ));
+            }
         }
     }
     for vm in &s.routes {

@@ -495,7 +495,7 @@ async fn bad_input_gets_a_400_that_names_the_problem_at_every_endpoint() {
             "/vms/nope/ports/80".into(),
             None,
             404,
-            "no port forward",
+            "does not exist",
         ),
         (
             "POST",

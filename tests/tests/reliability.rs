@@ -13,7 +13,10 @@
 
 use std::time::{Duration, Instant};
 
-use volant_services::api::vmm::v1::DeleteVmRequest;
+use volant_services::api::net::v1::ListPortForwardsRequest;
+use volant_services::api::vmm::v1::{
+    AddPortForwardRequest, DeleteVmRequest, GetVmRequest, PortForward,
+};
 use volant_tests::invariants::{
     control_plane, control_plane_on_cloud_hypervisor, converge, request, snapshot,
 };
@@ -117,6 +120,150 @@ async fn one_stuck_delete_holds_up_no_other() {
     assert!(bad.is_empty(), "{bad:#?}");
 }
 
+/// A forward belongs to its VM: deleted with it even while netd is down (the issue's
+/// reproduction: the DNAT rule outlived the VM and the next VM on that address inherited its
+/// traffic), restored when netd loses it, and never pointing at an address its VM does not hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_goes_with_its_vm() {
+    let mut cp = control_plane().await;
+    let a = cp
+        .vmm()
+        .create_vm(request("a", ""))
+        .await
+        .unwrap()
+        .into_inner()
+        .vm
+        .unwrap();
+    let add = |vm: &str, host_port: u32| AddPortForwardRequest {
+        vm: vm.into(),
+        forward: Some(PortForward {
+            host_port,
+            protocol: String::new(),
+            guest_port: 80,
+        }),
+    };
+    let added = cp
+        .vmm()
+        .add_port_forward(add("a", 8081))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(added.created);
+    assert_eq!(added.vm_ip, a.ip_address);
+    assert!(
+        !cp.vmm()
+            .add_port_forward(add("a", 8081))
+            .await
+            .unwrap()
+            .into_inner()
+            .created
+    );
+    let dnat = format!("--to-destination {}:80", a.ip_address);
+    assert!(cp.host.sh("iptables-save -t nat").contains(&dnat));
+    // Taken host port, bad ports and protocols, vsock VMs and unknown VMs: refused, nothing kept.
+    cp.vmm().create_vm(request("v", "vsock")).await.unwrap();
+    assert_eq!(
+        code(cp.vmm().add_port_forward(add("v", 8082)).await),
+        tonic::Code::FailedPrecondition
+    );
+    assert_eq!(
+        code(cp.vmm().add_port_forward(add("v", 8081)).await),
+        tonic::Code::FailedPrecondition
+    );
+    assert_eq!(
+        code(cp.vmm().add_port_forward(add("nope", 8082)).await),
+        tonic::Code::NotFound
+    );
+    assert_eq!(
+        code(cp.vmm().add_port_forward(add("a", 0)).await),
+        tonic::Code::InvalidArgument
+    );
+    assert_eq!(
+        code(cp.vmm().add_port_forward(add("a", 65536)).await),
+        tonic::Code::InvalidArgument
+    );
+    let mut udp = add("a", 8083);
+    udp.forward.as_mut().unwrap().protocol = "sctp".into();
+    assert_eq!(
+        code(cp.vmm().add_port_forward(udp).await),
+        tonic::Code::InvalidArgument
+    );
+    // netd loses its forwards (its state removed while it is down): vmmd makes them again.
+    cp.netd.kill9();
+    cp.netd.restart().await;
+    cp.net()
+        .remove_port_forward(volant_services::api::net::v1::RemovePortForwardRequest {
+            target: Some(
+                volant_services::api::net::v1::remove_port_forward_request::Target::Vm("a".into()),
+            ),
+        })
+        .await
+        .unwrap();
+    let bad = converge(&cp, Duration::from_secs(30)).await;
+    assert!(bad.is_empty(), "{bad:#?}");
+    assert!(cp.host.sh("iptables-save -t nat").contains(&dnat));
+    // The reproduction: netd down, forced delete, netd back.
+    cp.netd.kill9();
+    cp.vmm()
+        .delete_vm(DeleteVmRequest {
+            name: "a".into(),
+            force: true,
+        })
+        .await
+        .unwrap();
+    cp.netd.restart().await;
+    let bad = converge(&cp, Duration::from_secs(30)).await;
+    assert!(bad.is_empty(), "{bad:#?}");
+    let left = cp
+        .net()
+        .list_port_forwards(ListPortForwardsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .forwards;
+    assert!(left.is_empty(), "{left:?}");
+    // The next VM leases the same address and inherits nothing.
+    let b = cp
+        .vmm()
+        .create_vm(request("b", ""))
+        .await
+        .unwrap()
+        .into_inner()
+        .vm
+        .unwrap();
+    assert_eq!(b.ip_address, a.ip_address);
+    assert!(!cp.host.sh("iptables-save -t nat").contains(&dnat));
+    // Removing: gone from the record and from netd; a second removal is NOT_FOUND.
+    cp.vmm().add_port_forward(add("b", 8081)).await.unwrap();
+    let remove = || volant_services::api::vmm::v1::RemovePortForwardRequest {
+        vm: "b".into(),
+        host_port: 8081,
+        protocol: "tcp".into(),
+    };
+    cp.vmm().remove_port_forward(remove()).await.unwrap();
+    assert_eq!(
+        code(cp.vmm().remove_port_forward(remove()).await),
+        tonic::Code::NotFound
+    );
+    let b = cp
+        .vmm()
+        .get_vm(GetVmRequest { name: "b".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .vm
+        .unwrap();
+    assert!(b.port_forwards.is_empty());
+    assert!(!cp.host.sh("iptables-save -t nat").contains(&dnat));
+    let bad = converge(&cp, Duration::from_secs(30)).await;
+    assert!(bad.is_empty(), "{bad:#?}");
+}
+
+/// The code of a refusal.
+fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> tonic::Code {
+    r.unwrap_err().code()
+}
+
 async fn chaos_on(mut cp: ControlPlane) {
     let cycles: u64 = env_or("VOLANT_CHAOS_CYCLES", 12);
     let seed: u64 = env_or(
@@ -131,7 +278,7 @@ async fn chaos_on(mut cp: ControlPlane) {
     let mut rng = Rng(seed);
     let names = ["ipamd", "netd", "proxyd", "vmmd"];
     let mut kills = [0u32; 4];
-    let (mut created, mut refused, mut deleted) = (0, 0, 0);
+    let (mut created, mut refused, mut deleted, mut forwarded) = (0, 0, 0, 0);
     let mut violations = Vec::new();
     let started = Instant::now();
     for cycle in 0..cycles {
@@ -141,6 +288,7 @@ async fn chaos_on(mut cp: ControlPlane) {
             .unwrap_or_default();
         let mut vmm = cp.vmm();
         let create = vms.len() < 2 || (vms.len() < 5 && rng.below(10) < 6);
+        let forward = !create && rng.below(3) == 0;
         let op = if create {
             let network = if rng.below(4) == 0 { "vsock" } else { "" };
             let mut req = tonic::Request::new(request(&format!("c{cycle}"), network));
@@ -149,6 +297,16 @@ async fn chaos_on(mut cp: ControlPlane) {
                 req.set_timeout(Duration::from_millis(10 + rng.below(100)));
             }
             tokio::spawn(async move { vmm.create_vm(req).await.map(drop) })
+        } else if forward {
+            let req = AddPortForwardRequest {
+                vm: vms[rng.below(vms.len() as u64) as usize].clone(),
+                forward: Some(PortForward {
+                    host_port: 20000 + cycle as u32,
+                    protocol: "tcp".into(),
+                    guest_port: 80,
+                }),
+            };
+            tokio::spawn(async move { vmm.add_port_forward(req).await.map(drop) })
         } else {
             let req = DeleteVmRequest {
                 name: vms[rng.below(vms.len() as u64) as usize].clone(),
@@ -166,6 +324,7 @@ async fn chaos_on(mut cp: ControlPlane) {
         let outcome = tokio::time::timeout(Duration::from_secs(60), op).await;
         match outcome {
             Ok(Ok(Ok(()))) if create => created += 1,
+            Ok(Ok(Ok(()))) if forward => forwarded += 1,
             Ok(Ok(Ok(()))) => deleted += 1,
             Ok(Ok(Err(e))) => {
                 refused += 1;
@@ -201,6 +360,7 @@ async fn chaos_on(mut cp: ControlPlane) {
         ("VMs", s.vms.len()),
         ("leases", s.leases.len()),
         ("TAPs at netd", s.taps.len()),
+        ("port forwards", s.forwards.len()),
         ("TAPs on the bridge", s.links.len()),
         ("routes", s.routes.len()),
         ("hypervisors", s.hypervisors.len()),
@@ -210,7 +370,7 @@ async fn chaos_on(mut cp: ControlPlane) {
         violations.push(format!("after deleting everything, {n} {what} remain"));
     }
     println!(
-        "| cycles | kill -9 (ipamd/netd/proxyd/vmmd) | creates ok | deletes ok | refused | violations | wall |\n|---:|---|---:|---:|---:|---:|---:|\n| {cycles} | {} | {created} | {deleted} | {refused} | {} | {:.0} s |",
+        "| cycles | kill -9 (ipamd/netd/proxyd/vmmd) | creates ok | forwards ok | deletes ok | refused | violations | wall |\n|---:|---|---:|---:|---:|---:|---:|---:|\n| {cycles} | {} | {created} | {forwarded} | {deleted} | {refused} | {} | {:.0} s |",
         kills.map(|k| k.to_string()).join("/"),
         violations.len(),
         started.elapsed().as_secs_f64()

@@ -10,17 +10,17 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use volant_services::api::vmm::v1 as pb;
 
-use crate::records::{Paths, Plugin};
-use crate::vmm::{CreateRequest, Vmm, vm_pb};
+use crate::records::{Paths, Plugin, PortForward};
+use crate::vmm::{CreateRequest, Vmm, forward_pb, vm_pb};
 
 /// Runs an operation that changes VMs on its own task, so that it reaches its end (or its
 /// compensation) even when the caller goes away: a dropped saga would leave a VM half made.
 async fn to_the_end<T: Send + 'static>(
-    op: impl std::future::Future<Output = Result<T, Status>> + Send + 'static,
+    op: impl std::future::Future<Output = crate::error::Result<T>> + Send + 'static,
 ) -> Result<T, Status> {
-    tokio::spawn(op)
+    Ok(tokio::spawn(op)
         .await
-        .map_err(|e| Status::internal(format!("the operation failed: {e}")))?
+        .map_err(|e| Status::internal(format!("the operation failed: {e}")))??)
 }
 
 /// The gRPC face of vmmd.
@@ -179,6 +179,35 @@ impl pb::vmm_server::Vmm for VmmService {
         Ok(Response::new(pb::RestartVmResponse {
             vm: Some(vm_pb(&vm)),
         }))
+    }
+
+    async fn add_port_forward(
+        &self,
+        req: Request<pb::AddPortForwardRequest>,
+    ) -> Result<Response<pb::AddPortForwardResponse>, Status> {
+        let r = req.into_inner();
+        let f = r.forward.unwrap_or_default();
+        let f = PortForward::checked(&f.protocol, f.host_port, f.guest_port)
+            .map_err(Status::invalid_argument)?;
+        let (vmm, forward) = (self.vmm.clone(), f.clone());
+        let (ip, created) =
+            to_the_end(async move { vmm.add_forward(&r.vm, forward).await }).await?;
+        Ok(Response::new(pb::AddPortForwardResponse {
+            forward: Some(forward_pb(&f)),
+            vm_ip: ip.to_string(),
+            created,
+        }))
+    }
+
+    async fn remove_port_forward(
+        &self,
+        req: Request<pb::RemovePortForwardRequest>,
+    ) -> Result<Response<pb::RemovePortForwardResponse>, Status> {
+        let r = req.into_inner();
+        let vmm = self.vmm.clone();
+        to_the_end(async move { vmm.remove_forward(&r.vm, &r.protocol, r.host_port).await })
+            .await?;
+        Ok(Response::new(pb::RemovePortForwardResponse {}))
     }
 
     type WatchEventsStream = Streamed<pb::VmEvent>;

@@ -4,6 +4,7 @@ mod accel;
 mod boot;
 mod cgroup;
 mod driver;
+mod error;
 mod grpc;
 mod guest;
 mod initramfs;
@@ -167,15 +168,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| daemon.state_dir.join("accel.json"));
     let settings = settings(&daemon)?;
-    let peers = peers::Peers::new(
+    let drivers = driver::Drivers::of(&settings);
+    let peers = peers::Grpc::new(
         daemon.dial_peer("ipamd")?,
         daemon.dial_peer("netd")?,
         daemon.dial_peer("proxyd")?,
     );
     let store = records::Store::open(&daemon.state_dir).map_err(anyhow::Error::msg)?;
     let vmm = Arc::new(
-        vmm::Vmm::open(settings, store, peers, accel::Accel::new(forced, cache))
-            .map_err(anyhow::Error::msg)?,
+        vmm::Vmm::open(
+            settings,
+            store,
+            Arc::new(peers),
+            drivers,
+            accel::Accel::new(forced, cache),
+        )
+        .map_err(anyhow::Error::msg)?,
     );
     vmm.reconcile_local().await;
     let every = c.reconcile_interval_secs.unwrap_or(30);

@@ -1,4 +1,6 @@
-//! ipamd, netd and proxyd, as vmmd calls them: every call with a deadline, every error naming the peer.
+//! ipamd, netd and proxyd, as vmmd calls them: a trait, so that the create and delete steps can
+//! be tried against fakes, and its gRPC implementation, every call with a deadline and every
+//! error named after its peer.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -11,6 +13,77 @@ use volant_services::api::net::v1 as net;
 use volant_services::api::net::v1::net_client::NetClient;
 use volant_services::api::proxy::v1 as proxy;
 use volant_services::api::proxy::v1::proxy_client::ProxyClient;
+
+use crate::error::{Error, Result};
+
+/// A lease as vmmd keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// The address.
+    pub ip: IpAddr,
+    /// Its network's prefix length.
+    pub prefix_len: u8,
+    /// Its network's gateway.
+    pub gateway: IpAddr,
+}
+
+/// A port forward as netd holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Forward {
+    /// The VM it was made for.
+    pub vm: String,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    /// The host's port.
+    pub host_port: u16,
+    /// The VM's address.
+    pub vm_ip: IpAddr,
+    /// The VM's port.
+    pub vm_port: u16,
+}
+
+/// What vmmd asks of its peers. Every call is idempotent.
+#[tonic::async_trait]
+pub trait Peers: Send + Sync {
+    /// Registers a vsock VM's route and egress policy with proxyd.
+    async fn register_route(&self, route: proxy::Route) -> Result<()>;
+    /// Removes a VM's route from proxyd.
+    async fn unregister_route(&self, vm: &str) -> Result<()>;
+    /// The VMs proxyd has routes for.
+    async fn routes(&self) -> Result<Vec<String>>;
+    /// Leases an address of `network` to `vm` (its existing one when it has one).
+    async fn allocate(&self, network: &str, vm: &str, requested: Option<IpAddr>) -> Result<Lease>;
+    /// Releases every lease of `vm`.
+    async fn release_vm(&self, vm: &str) -> Result<()>;
+    /// Releases one lease.
+    async fn release(&self, pool: &str, ip: &str) -> Result<()>;
+    /// Every lease: pool, address, VM.
+    async fn leases(&self) -> Result<Vec<(String, String, String)>>;
+    /// Creates (or confirms) `vm`'s TAP on `network` for its leased address `ip`, for the
+    /// hypervisor running as `owner` (0: vmmd's own user) to attach to: its name and the
+    /// guest's MAC.
+    async fn create_tap(
+        &self,
+        network: &str,
+        vm: &str,
+        ip: IpAddr,
+        owner: u32,
+    ) -> Result<(String, String)>;
+    /// Deletes `vm`'s TAP.
+    async fn delete_tap(&self, vm: &str) -> Result<()>;
+    /// Every TAP: name and VM.
+    async fn taps(&self) -> Result<Vec<(String, String)>>;
+    /// Adds a port forward (an identical one is success).
+    async fn add_forward(&self, f: &Forward) -> Result<()>;
+    /// Removes `vm`'s port forward from `protocol`/`host_port`.
+    async fn remove_forward(&self, vm: &str, protocol: &str, host_port: u16) -> Result<()>;
+    /// Removes every port forward of `vm`.
+    async fn remove_forwards(&self, vm: &str) -> Result<()>;
+    /// Every port forward.
+    async fn forwards(&self) -> Result<Vec<Forward>>;
+    /// Asks netd to converge the kernel to its desired state.
+    async fn reconcile_net(&self) -> Result<Vec<String>>;
+}
 
 /// The deadline of one call to a peer.
 const CALL: Duration = Duration::from_secs(10);
@@ -28,55 +101,64 @@ fn req_vm<T>(msg: T, vm: &str) -> Request<T> {
     r
 }
 
-fn named(peer: &'static str) -> impl Fn(Status) -> Status {
-    move |s| Status::new(s.code(), format!("{peer}: {}", s.message()))
+fn named(peer: &'static str) -> impl Fn(Status) -> Error {
+    move |s| Error::from_peer(peer, &s)
 }
 
-/// A lease as vmmd keeps it.
-pub struct Lease {
-    /// The address.
-    pub ip: IpAddr,
-    /// Its network's prefix length.
-    pub prefix_len: u8,
-    /// Its network's gateway.
-    pub gateway: IpAddr,
+fn bad(peer: &str, what: &str) -> Error {
+    Error::internal(format!("{peer} answered a bad {what}"))
 }
 
-/// The peers of vmmd.
+/// The peers over gRPC.
 #[derive(Clone)]
-pub struct Peers {
+pub struct Grpc {
     ipam: IpamClient<Channel>,
     net: NetClient<Channel>,
     proxy: ProxyClient<Channel>,
 }
 
-impl Peers {
+impl Grpc {
     /// Clients over the given channels.
-    pub fn new(ipam: Channel, net: Channel, proxy: Channel) -> Peers {
-        Peers {
+    pub fn new(ipam: Channel, net: Channel, proxy: Channel) -> Grpc {
+        Grpc {
             ipam: IpamClient::new(ipam),
             net: NetClient::new(net),
             proxy: ProxyClient::new(proxy),
         }
     }
 
-    /// Registers a vsock VM's route and egress policy with proxyd (idempotent).
-    pub async fn register_route(&self, route: proxy::Route) -> Result<(), Status> {
+    async fn remove(
+        &self,
+        target: net::remove_port_forward_request::Target,
+        vm: &str,
+    ) -> Result<()> {
+        self.net
+            .clone()
+            .remove_port_forward(req_vm(
+                net::RemovePortForwardRequest {
+                    target: Some(target),
+                },
+                vm,
+            ))
+            .await
+            .map(drop)
+            .map_err(named("netd"))
+    }
+}
+
+#[tonic::async_trait]
+impl Peers for Grpc {
+    async fn register_route(&self, route: proxy::Route) -> Result<()> {
+        let vm = route.vm.clone();
         self.proxy
             .clone()
-            .register_vm(req_vm(
-                proxy::RegisterVmRequest {
-                    route: Some(route.clone()),
-                },
-                &route.vm,
-            ))
+            .register_vm(req_vm(proxy::RegisterVmRequest { route: Some(route) }, &vm))
             .await
             .map(drop)
             .map_err(named("proxyd"))
     }
 
-    /// Removes a VM's route from proxyd (idempotent).
-    pub async fn unregister_route(&self, vm: &str) -> Result<(), Status> {
+    async fn unregister_route(&self, vm: &str) -> Result<()> {
         self.proxy
             .clone()
             .unregister_vm(req_vm(proxy::UnregisterVmRequest { vm: vm.into() }, vm))
@@ -85,8 +167,7 @@ impl Peers {
             .map_err(named("proxyd"))
     }
 
-    /// The VMs proxyd has routes for.
-    pub async fn routes(&self) -> Result<Vec<String>, Status> {
+    async fn routes(&self) -> Result<Vec<String>> {
         Ok(self
             .proxy
             .clone()
@@ -100,13 +181,7 @@ impl Peers {
             .collect())
     }
 
-    /// Leases an address of `network` to `vm` (its existing one when it has one).
-    pub async fn allocate(
-        &self,
-        network: &str,
-        vm: &str,
-        requested: Option<IpAddr>,
-    ) -> Result<Lease, Status> {
+    async fn allocate(&self, network: &str, vm: &str, requested: Option<IpAddr>) -> Result<Lease> {
         let reply = self
             .ipam
             .clone()
@@ -123,17 +198,15 @@ impl Peers {
             .into_inner();
         let lease = reply
             .lease
-            .ok_or_else(|| Status::internal("ipamd answered without a lease"))?;
-        let bad = |what: &str| Status::internal(format!("ipamd answered a bad {what}"));
+            .ok_or_else(|| Error::internal("ipamd answered without a lease"))?;
         Ok(Lease {
-            ip: lease.ip.parse().map_err(|_| bad("address"))?,
-            prefix_len: u8::try_from(lease.prefix_len).map_err(|_| bad("prefix"))?,
-            gateway: lease.gateway.parse().map_err(|_| bad("gateway"))?,
+            ip: lease.ip.parse().map_err(|_| bad("ipamd", "address"))?,
+            prefix_len: u8::try_from(lease.prefix_len).map_err(|_| bad("ipamd", "prefix"))?,
+            gateway: lease.gateway.parse().map_err(|_| bad("ipamd", "gateway"))?,
         })
     }
 
-    /// Releases every lease of `vm`.
-    pub async fn release_vm(&self, vm: &str) -> Result<(), Status> {
+    async fn release_vm(&self, vm: &str) -> Result<()> {
         self.ipam
             .clone()
             .release_vm(req_vm(ipam::ReleaseVmRequest { vm: vm.into() }, vm))
@@ -142,8 +215,7 @@ impl Peers {
             .map_err(named("ipamd"))
     }
 
-    /// Releases one lease.
-    pub async fn release(&self, pool: &str, ip: &str) -> Result<(), Status> {
+    async fn release(&self, pool: &str, ip: &str) -> Result<()> {
         self.ipam
             .clone()
             .release(req(ipam::ReleaseRequest {
@@ -155,8 +227,7 @@ impl Peers {
             .map_err(named("ipamd"))
     }
 
-    /// Every lease: pool, address, VM.
-    pub async fn leases(&self) -> Result<Vec<(String, String, String)>, Status> {
+    async fn leases(&self) -> Result<Vec<(String, String, String)>> {
         Ok(self
             .ipam
             .clone()
@@ -170,16 +241,13 @@ impl Peers {
             .collect())
     }
 
-    /// Creates (or confirms) `vm`'s TAP on `network` for its leased address `ip`, for the
-    /// hypervisor running as `owner` (0: vmmd's own user) to attach to: its name and the
-    /// guest's MAC.
-    pub async fn create_tap(
+    async fn create_tap(
         &self,
         network: &str,
         vm: &str,
         ip: IpAddr,
         owner: u32,
-    ) -> Result<(String, String), Status> {
+    ) -> Result<(String, String)> {
         let reply = self
             .net
             .clone()
@@ -198,8 +266,7 @@ impl Peers {
         Ok((reply.tap, reply.mac))
     }
 
-    /// Deletes `vm`'s TAP.
-    pub async fn delete_tap(&self, vm: &str) -> Result<(), Status> {
+    async fn delete_tap(&self, vm: &str) -> Result<()> {
         self.net
             .clone()
             .delete_tap(req_vm(net::DeleteTapRequest { vm: vm.into() }, vm))
@@ -208,8 +275,7 @@ impl Peers {
             .map_err(named("netd"))
     }
 
-    /// Every TAP: name and VM.
-    pub async fn taps(&self) -> Result<Vec<(String, String)>, Status> {
+    async fn taps(&self) -> Result<Vec<(String, String)>> {
         Ok(self
             .net
             .clone()
@@ -223,23 +289,63 @@ impl Peers {
             .collect())
     }
 
-    /// Removes every port forward of `vm`.
-    pub async fn remove_forwards(&self, vm: &str) -> Result<(), Status> {
+    async fn add_forward(&self, f: &Forward) -> Result<()> {
+        let forward = net::PortForward {
+            host_port: f.host_port.into(),
+            protocol: f.protocol.clone(),
+            vm_ip: f.vm_ip.to_string(),
+            vm_port: f.vm_port.into(),
+            vm: f.vm.clone(),
+            network: String::new(),
+        };
         self.net
             .clone()
-            .remove_port_forward(req_vm(
-                net::RemovePortForwardRequest {
-                    target: Some(net::remove_port_forward_request::Target::Vm(vm.into())),
+            .add_port_forward(req_vm(
+                net::AddPortForwardRequest {
+                    forward: Some(forward),
                 },
-                vm,
+                &f.vm,
             ))
             .await
             .map(drop)
             .map_err(named("netd"))
     }
 
-    /// Asks netd to converge the kernel to its desired state.
-    pub async fn reconcile_net(&self) -> Result<Vec<String>, Status> {
+    async fn remove_forward(&self, vm: &str, protocol: &str, host_port: u16) -> Result<()> {
+        let target = net::remove_port_forward_request::Target::HostPort(net::HostPort {
+            port: host_port.into(),
+            protocol: protocol.into(),
+        });
+        self.remove(target, vm).await
+    }
+
+    async fn remove_forwards(&self, vm: &str) -> Result<()> {
+        let target = net::remove_port_forward_request::Target::Vm(vm.into());
+        self.remove(target, vm).await
+    }
+
+    async fn forwards(&self) -> Result<Vec<Forward>> {
+        self.net
+            .clone()
+            .list_port_forwards(req(net::ListPortForwardsRequest::default()))
+            .await
+            .map_err(named("netd"))?
+            .into_inner()
+            .forwards
+            .into_iter()
+            .map(|f| {
+                Ok(Forward {
+                    host_port: u16::try_from(f.host_port).map_err(|_| bad("netd", "port"))?,
+                    vm_port: u16::try_from(f.vm_port).map_err(|_| bad("netd", "port"))?,
+                    vm_ip: f.vm_ip.parse().map_err(|_| bad("netd", "address"))?,
+                    protocol: f.protocol,
+                    vm: f.vm,
+                })
+            })
+            .collect()
+    }
+
+    async fn reconcile_net(&self) -> Result<Vec<String>> {
         Ok(self
             .net
             .clone()

@@ -49,6 +49,45 @@ impl Status {
     }
 }
 
+/// A host port forwarded to a VM's port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortForward {
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    /// The host's port.
+    pub host_port: u16,
+    /// The VM's port.
+    pub guest_port: u16,
+}
+
+impl PortForward {
+    /// A forward from the API's values: ports 1–65535, protocol `tcp` (also when empty) or
+    /// `udp`.
+    pub fn checked(protocol: &str, host_port: u32, guest_port: u32) -> Result<PortForward, String> {
+        let port = |what: &str, p: u32| {
+            u16::try_from(p)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("{what} {p} is out of range 1–65535"))
+        };
+        let protocol = match protocol {
+            "" | "tcp" => "tcp",
+            "udp" => "udp",
+            other => return Err(format!("protocol {other:?} is neither tcp nor udp")),
+        };
+        Ok(PortForward {
+            protocol: protocol.into(),
+            host_port: port("host_port", host_port)?,
+            guest_port: port("guest_port", guest_port)?,
+        })
+    }
+
+    /// Whether it uses the same host port as `other`.
+    pub fn same_host_port(&self, other: &PortForward) -> bool {
+        self.protocol == other.protocol && self.host_port == other.host_port
+    }
+}
+
 /// An installed plugin.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plugin {
@@ -120,6 +159,9 @@ pub struct VmRecord {
     /// The host's boot it was launched under ([`crate::process::host_boot`]).
     #[serde(default)]
     pub host_boot: Option<String>,
+    /// Its port forwards (bridge mode), in the order they were added.
+    #[serde(default)]
+    pub forwards: Vec<PortForward>,
     /// When it was created.
     pub created_at: SystemTime,
     /// When it last changed.

@@ -9,6 +9,29 @@ use std::time::{Duration, Instant};
 
 use crate::records::Paths;
 
+/// The drivers vmmd has: QEMU always, Cloud Hypervisor when it is installed.
+pub struct Drivers {
+    /// QEMU.
+    pub qemu: Box<dyn Driver>,
+    /// Cloud Hypervisor.
+    pub cloud_hypervisor: Option<Box<dyn Driver>>,
+}
+
+impl Drivers {
+    /// The real drivers, of the binaries in `settings`.
+    pub fn of(settings: &crate::vmm::Settings) -> Drivers {
+        Drivers {
+            qemu: Box::new(qemu::Qemu {
+                binary: settings.qemu.clone(),
+                vsock_backend: settings.vsock_backend.clone(),
+            }),
+            cloud_hypervisor: settings.cloud_hypervisor.clone().map(|binary| {
+                Box::new(cloud_hypervisor::CloudHypervisor { binary }) as Box<dyn Driver>
+            }),
+        }
+    }
+}
+
 /// A NIC: the TAP netd made and the guest's MAC.
 pub struct Nic {
     /// TAP device.

@@ -1,0 +1,297 @@
+//! A VM's hypervisor: launched, followed until ready and until it exits, stopped.
+
+use super::*;
+
+impl Vmm {
+    /// Starts the hypervisor of a VM whose resources are in place.
+    pub(super) async fn launch(self: &Arc<Self>, name: &str) -> Result<VmRecord> {
+        let rec = self.get(name)?;
+        let driver = self.driver(rec.hypervisor)?;
+        let prepare = tracing::info_span!("vm.prepare", vm = %name);
+        let line = cmdline(&rec, &self.settings.dns).map_err(invalid)?;
+        let accel = match rec.hypervisor {
+            Hypervisor::Qemu => {
+                self.accel
+                    .choose(
+                        &self.settings.qemu,
+                        &rec.manifest.boot.kernel,
+                        &rec.manifest.boot.initramfs,
+                    )
+                    .await
+            }
+            Hypervisor::CloudHypervisor => "kvm".to_string(),
+        };
+        let paths = self.paths(name);
+        std::fs::create_dir_all(&paths.dir)
+            .map_err(|e| Error::internal(format!("creating {}: {e}", paths.dir.display())))?;
+        guest::rotate(&paths);
+        let (base, workload, composed) = (
+            rec.manifest.boot.initramfs.clone(),
+            workload_json(&rec.manifest),
+            paths.initramfs.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            initramfs::compose(base.as_ref(), &workload, &composed)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("initramfs task: {e}")))?
+        .map_err(Error::precondition)?;
+        let identity = match (&self.settings.jail, rec.uid) {
+            (Some(jail), Some(uid)) => {
+                jail::own_file(&paths.initramfs, uid, 0o400).map_err(Error::internal)?;
+                jail::own_file(&paths.serial, uid, 0o640).map_err(Error::internal)?;
+                Some(jail.identity(uid))
+            }
+            _ => None,
+        };
+        if let Some(cid) = rec.cid {
+            let link = paths.vsock_link(cid);
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&paths.vsock, &link)
+                .map_err(|e| Error::internal(format!("linking {}: {e}", link.display())))?;
+        }
+        let initramfs = paths.initramfs.display().to_string();
+        let limits = Limits {
+            cpus: rec.cpu_cores,
+            memory_mb: rec.memory_mb,
+        };
+        let procs = match &self.settings.cgroups {
+            Some(groups) => groups.prepare(name, limits).map_err(Error::internal)?,
+            None => Vec::new(),
+        };
+        let cgroup: Vec<std::os::fd::RawFd> =
+            procs.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+        let (_, seq) = self.update(name, |r| {
+            r.kernel_cmdline = line.clone();
+            r.accel = accel.clone();
+        })?;
+        self.durable(seq).instrument(prepare).await;
+        let spec = LaunchSpec {
+            name,
+            kernel: &rec.manifest.boot.kernel,
+            initramfs: &initramfs,
+            cmdline: &line,
+            cpus: rec.cpu_cores,
+            memory_mb: rec.memory_mb,
+            nic: (rec.mode == Mode::Bridge).then(|| Nic {
+                tap: rec.tap.clone(),
+                mac: rec.mac.clone(),
+            }),
+            vsock: rec.cid.map(|cid| Vsock {
+                cid,
+                socket: rec.vsock_socket.clone().into(),
+            }),
+            paths: &paths,
+            accel: &accel,
+            cgroup: &cgroup,
+            identity: identity.as_ref(),
+        };
+        let launched = driver
+            .launch(&spec)
+            .instrument(tracing::info_span!(
+                "hypervisor.launch",
+                vm = %name,
+                hypervisor = rec.hypervisor.as_str(),
+                accel = %accel
+            ))
+            .await
+            .map_err(|e| Error::precondition(format!("the VM could not start: {e}")))?;
+        let pid = launched.child.id().unwrap_or_default();
+        let (rec, seq) = self.update(name, |r| {
+            r.status = VmStatus::Booting;
+            r.error.clear();
+            r.pid = Some(pid);
+            r.pid_start = process::start_time(pid);
+            r.boot_started = Some(SystemTime::now());
+            r.host_boot = self.host_boot.clone();
+        })?;
+        self.watch_exit(name, pid, Some(launched.child));
+        self.watch_boot(name, pid);
+        self.durable(seq)
+            .instrument(tracing::info_span!("vm.booting", vm = %name))
+            .await;
+        tracing::debug!(vm = %name, spawn_us = launched.spawned_in.as_micros() as u64, "hypervisor spawned");
+        Ok(rec)
+    }
+
+    /// Follows the hypervisor `pid` of VM `name` until it exits, then removes what it left in
+    /// the run directory. A VM that was booting or running is then `stopped` (its guest was ready
+    /// and powered off cleanly) or `failed` with the reason, whoever started the hypervisor; a VM
+    /// being stopped or deleted is left to that.
+    pub(super) fn watch_exit(
+        self: &Arc<Self>,
+        name: &str,
+        pid: u32,
+        child: Option<tokio::process::Child>,
+    ) {
+        let (tx, rx) = watch::channel(false);
+        lock(&self.exits).insert(name.to_string(), rx);
+        let vmm = self.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let status = match child {
+                Some(mut child) => child.wait().await.ok(),
+                None => {
+                    process::exited(pid).await;
+                    None
+                }
+            };
+            let paths = vmm.paths(&name);
+            if let Ok(rec) = vmm.get(&name) {
+                if let Ok(driver) = vmm.driver(rec.hypervisor) {
+                    driver.release(&paths).await;
+                }
+                vmm.clear_run_files(&rec);
+            }
+            let _ = tx.send(true);
+            let was = vmm.get(&name).map(|r| r.status).ok();
+            let result = vmm.update(&name, |r| {
+                if r.pid != Some(pid) {
+                    return;
+                }
+                if matches!(r.status, VmStatus::Booting | VmStatus::Running) {
+                    let (next, why) = guest::ended(&paths, r.status, status);
+                    r.status = next;
+                    r.error = why;
+                }
+                r.pid = None;
+                r.pid_start = None;
+            });
+            if let Ok((rec, seq)) = result {
+                if rec.status == VmStatus::Failed && was != Some(VmStatus::Failed) {
+                    tracing::warn!(vm = %name, "the VM failed: {}", rec.error);
+                }
+                vmm.durable(seq).await;
+            }
+        });
+    }
+
+    /// Follows the console of VM `name`'s boot by hypervisor `pid`: `running` once kestrel says
+    /// it is ready; `failed` (and the hypervisor stopped) when the boot deadline passes first.
+    /// The hypervisor's exit is [`Vmm::watch_exit`]'s.
+    pub(super) fn watch_boot(self: &Arc<Self>, name: &str, pid: u32) {
+        let vmm = self.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let paths = vmm.paths(&name);
+            let mut seen = 0u64;
+            loop {
+                let Ok(rec) = vmm.get(&name) else { return };
+                if rec.status != VmStatus::Booting || rec.pid != Some(pid) {
+                    return;
+                }
+                if guest::said_ready(&paths.serial, &mut seen) {
+                    if let Ok((_, seq)) = vmm.update(&name, |r| {
+                        if r.status == VmStatus::Booting && r.pid == Some(pid) {
+                            r.status = VmStatus::Running;
+                        }
+                    }) {
+                        vmm.durable(seq).await;
+                    }
+                    return;
+                }
+                let started = rec.boot_started.unwrap_or(rec.updated_at);
+                let waited = started.elapsed().unwrap_or_default();
+                if waited >= vmm.settings.boot_timeout {
+                    let why = format!(
+                        "the guest did not say it was ready within {:?}; its console ends: {}",
+                        vmm.settings.boot_timeout,
+                        guest::last_lines(&paths, 3)
+                    );
+                    tracing::warn!(vm = %name, "{why}");
+                    if let Ok((rec, seq)) = vmm.update(&name, |r| {
+                        if r.status == VmStatus::Booting && r.pid == Some(pid) {
+                            r.status = VmStatus::Failed;
+                            r.error = why.clone();
+                        }
+                    }) {
+                        vmm.durable(seq).await;
+                        if rec.status == VmStatus::Failed {
+                            vmm.stop_hypervisor(&rec, false).await;
+                        }
+                    }
+                    return;
+                }
+                tokio::time::sleep(BOOT_POLL).await;
+            }
+        });
+    }
+
+    /// Removes what a VM's hypervisor leaves in the run directory when it ends: its control
+    /// socket and Cloud Hypervisor's lock beside it, and the host end of its vsock (Cloud
+    /// Hypervisor binds it at boot and leaves it; a leftover makes the next boot fail).
+    pub(super) fn clear_run_files(&self, rec: &VmRecord) {
+        let paths = self.paths(&rec.name);
+        for f in [&paths.api_socket, &paths.api_lock, &paths.vhost_socket] {
+            let _ = std::fs::remove_file(f);
+        }
+        if !rec.vsock_socket.is_empty() {
+            let _ = std::fs::remove_file(&rec.vsock_socket);
+        }
+        if let Some(cid) = rec.cid {
+            let _ = std::fs::remove_file(paths.vsock_link(cid));
+        }
+        self.remove_cgroup(&rec.name);
+    }
+
+    /// Removes the cgroups of VMs that have no hypervisor (or no record) any more.
+    pub(super) fn sweep_cgroups(&self) {
+        let Some(groups) = &self.settings.cgroups else {
+            return;
+        };
+        for name in groups.vms() {
+            let running = self.get(&name).is_ok_and(|r| r.pid.is_some());
+            if !running {
+                self.remove_cgroup(&name);
+            }
+        }
+    }
+
+    /// Removes VM `name`'s cgroup; one still in use stays for the next reconciliation.
+    pub(super) fn remove_cgroup(&self, name: &str) {
+        if let Some(groups) = &self.settings.cgroups
+            && let Err(e) = groups.remove(name)
+        {
+            tracing::debug!(vm = %name, "{e}; the next reconciliation retries");
+        }
+    }
+
+    /// Waits up to `limit` for the hypervisor of `name` to exit; returns whether it did.
+    pub(super) async fn exited(&self, name: &str, limit: Duration) -> bool {
+        let rx = lock(&self.exits).get(name).cloned();
+        let Some(mut rx) = rx else {
+            return true;
+        };
+        tokio::time::timeout(limit, rx.wait_for(|done| *done))
+            .await
+            .is_ok()
+    }
+
+    /// Stops the hypervisor of `rec`: a clean shutdown request when `graceful`, then the
+    /// hypervisor's own stop, then SIGKILL.
+    pub(super) async fn stop_hypervisor(&self, rec: &VmRecord, graceful: bool) {
+        let Some(pid) = rec.pid else { return };
+        if !process::alive(pid, rec.pid_start) {
+            return;
+        }
+        let api = self.paths(&rec.name).api_socket;
+        let Ok(driver) = self.driver(rec.hypervisor) else {
+            process::signal(pid, libc::SIGKILL);
+            return;
+        };
+        if graceful {
+            match driver.request_shutdown(&api).await {
+                Ok(()) if self.exited(&rec.name, self.settings.stop_timeout).await => return,
+                Ok(()) => tracing::warn!(vm = %rec.name, "the guest did not shut down in time"),
+                Err(e) => tracing::warn!(vm = %rec.name, "asking the guest to shut down: {e}"),
+            }
+        }
+        if let Err(e) = driver.force_stop(&api).await {
+            tracing::warn!(vm = %rec.name, "stopping the hypervisor: {e}");
+        }
+        if !self.exited(&rec.name, KILL_GRACE).await && process::alive(pid, rec.pid_start) {
+            process::signal(pid, libc::SIGKILL);
+            self.exited(&rec.name, KILL_GRACE).await;
+        }
+    }
+}
