@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::ExitStatus;
 
 use crate::records::{Paths, Status};
+use crate::states::Event;
 
 /// What kestrel prints once the workload is up.
 pub const READY: &str = "kestrel: ready";
@@ -117,18 +118,18 @@ pub fn crash_reason(status: Option<ExitStatus>, hypervisor_log: &str) -> String 
     }
 }
 
-/// What a VM that was `was` becomes when its hypervisor has ended with `status` (when known):
-/// `stopped` after a clean power-off of a guest that was ready, else `failed` with the reason.
-pub fn ended(paths: &Paths, was: Status, status: Option<ExitStatus>) -> (Status, String) {
+/// What happened to a VM that was `was` when its hypervisor has ended with `status` (when
+/// known): a clean power-off of a guest that was ready, else a failure with the reason.
+pub fn ended(paths: &Paths, was: Status, status: Option<ExitStatus>) -> (Event, String) {
     match (powered_off(&tail(&paths.serial)), was) {
-        (Some(off), Status::Running) => (Status::Stopped, off.why.unwrap_or_default()),
+        (Some(off), Status::Running) => (Event::PoweredOff, off.why.unwrap_or_default()),
         (Some(off), _) => (
-            Status::Failed,
+            Event::Failed,
             off.why
                 .unwrap_or_else(|| "the guest powered off before it was ready".into()),
         ),
         (None, _) => (
-            Status::Failed,
+            Event::Failed,
             crash_reason(status, &tail(&paths.hypervisor_log)),
         ),
     }
@@ -226,9 +227,9 @@ mod tests {
         std::fs::write(&paths.serial, "kestrel: ready\nkestrel: powering off\n").unwrap();
         assert_eq!(
             ended(&paths, Status::Running, None),
-            (Status::Stopped, String::new())
+            (Event::PoweredOff, String::new())
         );
-        assert_eq!(ended(&paths, Status::Booting, None).0, Status::Failed);
+        assert_eq!(ended(&paths, Status::Booting, None).0, Event::Failed);
         rotate(&paths);
         assert!(!paths.serial.exists());
         assert!(previous(&paths.serial).exists());
@@ -240,7 +241,7 @@ mod tests {
         assert_eq!(
             ended(&paths, Status::Running, Some(ExitStatus::from_raw(0))),
             (
-                Status::Failed,
+                Event::Failed,
                 "the hypervisor ended without a guest power-off: VCPU generated error: \
                  InternalError"
                     .into()

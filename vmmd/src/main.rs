@@ -14,6 +14,7 @@ mod manifest;
 mod peers;
 mod process;
 mod records;
+mod states;
 mod vmm;
 
 use std::path::{Path, PathBuf};

@@ -160,8 +160,7 @@ impl Vmm {
                         format!("{why}; nothing of vm {:?} was kept", req.name),
                     ));
                 }
-                let (_, seq) = self.update(&req.name, |r| {
-                    r.status = VmStatus::Failed;
+                let (_, seq) = self.transition(&req.name, Event::Failed, |r| {
                     r.error = why.clone();
                 })?;
                 self.durable(seq).await;

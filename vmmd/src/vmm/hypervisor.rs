@@ -97,8 +97,7 @@ impl Vmm {
             .await
             .map_err(|e| Error::precondition(format!("the VM could not start: {e}")))?;
         let pid = launched.child.id().unwrap_or_default();
-        let (rec, seq) = self.update(name, |r| {
-            r.status = VmStatus::Booting;
+        let (rec, seq) = self.transition(name, Event::Launched, |r| {
             r.error.clear();
             r.pid = Some(pid);
             r.pid_start = process::start_time(pid);
@@ -145,17 +144,19 @@ impl Vmm {
             }
             let _ = tx.send(true);
             let was = vmm.get(&name).map(|r| r.status).ok();
-            let result = vmm.update(&name, |r| {
+            let result = vmm.change(&name, |r| {
                 if r.pid != Some(pid) {
-                    return;
+                    return Err(Error::precondition("another hypervisor"));
                 }
+                // Ended on its own; a VM being stopped or deleted is left to that.
                 if matches!(r.status, VmStatus::Booting | VmStatus::Running) {
-                    let (next, why) = guest::ended(&paths, r.status, status);
-                    r.status = next;
+                    let (event, why) = guest::ended(&paths, r.status, status);
+                    advance(r, event)?;
                     r.error = why;
                 }
                 r.pid = None;
                 r.pid_start = None;
+                Ok(())
             });
             if let Ok((rec, seq)) = result {
                 if rec.status == VmStatus::Failed && was != Some(VmStatus::Failed) {
@@ -181,11 +182,7 @@ impl Vmm {
                     return;
                 }
                 if guest::said_ready(&paths.serial, &mut seen) {
-                    if let Ok((_, seq)) = vmm.update(&name, |r| {
-                        if r.status == VmStatus::Booting && r.pid == Some(pid) {
-                            r.status = VmStatus::Running;
-                        }
-                    }) {
+                    if let Ok((_, seq)) = vmm.transition_of(&name, pid, Event::Ready, |_| {}) {
                         vmm.durable(seq).await;
                     }
                     return;
@@ -199,16 +196,11 @@ impl Vmm {
                         guest::last_lines(&paths, 3)
                     );
                     tracing::warn!(vm = %name, "{why}");
-                    if let Ok((rec, seq)) = vmm.update(&name, |r| {
-                        if r.status == VmStatus::Booting && r.pid == Some(pid) {
-                            r.status = VmStatus::Failed;
-                            r.error = why.clone();
-                        }
+                    if let Ok((rec, seq)) = vmm.transition_of(&name, pid, Event::Failed, |r| {
+                        r.error = why.clone();
                     }) {
                         vmm.durable(seq).await;
-                        if rec.status == VmStatus::Failed {
-                            vmm.stop_hypervisor(&rec, false).await;
-                        }
+                        vmm.stop_hypervisor(&rec, false).await;
                     }
                     return;
                 }

@@ -63,7 +63,7 @@ impl Vmm {
         if !lock(&self.vms).contains_key(name) {
             return Ok(false);
         }
-        let (_, seq) = self.update(name, |r| r.status = VmStatus::Deleting)?;
+        let (_, seq) = self.transition(name, Event::Delete, |_| {})?;
         self.durable(seq).await;
         if let Some(e) = self.tear_down(name, force).await
             && !force
@@ -119,8 +119,7 @@ impl Vmm {
         match self.bring_up(name).await {
             Ok(rec) => Ok(rec),
             Err(e) => {
-                let (_, seq) = self.update(name, |r| {
-                    r.status = VmStatus::Failed;
+                let (_, seq) = self.transition(name, Event::Failed, |r| {
                     r.error = e.message().to_string();
                 })?;
                 self.durable(seq).await;
@@ -145,7 +144,7 @@ impl Vmm {
                 )));
             }
         }
-        let (rec, seq) = self.update(name, |r| r.status = VmStatus::Stopping)?;
+        let (rec, seq) = self.transition(name, Event::Stop, |_| {})?;
         self.durable(seq).await;
         self.stop_hypervisor(&rec, true).await;
         self.finish_stop(name).await
@@ -153,8 +152,7 @@ impl Vmm {
 
     /// A VM whose hypervisor was stopped is `stopped`.
     pub(super) async fn finish_stop(&self, name: &str) -> Result<VmRecord> {
-        let (rec, seq) = self.update(name, |r| {
-            r.status = VmStatus::Stopped;
+        let (rec, seq) = self.transition(name, Event::Halted, |r| {
             r.pid = None;
             r.pid_start = None;
         })?;

@@ -12,6 +12,8 @@ mod hypervisor;
 mod lifecycle;
 mod plugins;
 mod reconcile;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -37,6 +39,7 @@ use crate::manifest::{Hypervisor, Manifest, Mode};
 use crate::peers::{Forward, Peers};
 use crate::process;
 use crate::records::{Paths, Plugin, PortForward, Status as VmStatus, Store, VmRecord};
+use crate::states::{self, Event};
 
 /// How many locks the VMs' operations are spread over.
 const VM_LOCKS: usize = 64;
@@ -126,6 +129,13 @@ fn store_err(e: String) -> Error {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Moves record `r` by `event` through the table ([`states::next`]).
+fn advance(r: &mut VmRecord, event: Event) -> Result<()> {
+    r.status = states::next(r.status, event)
+        .map_err(|e| Error::precondition(format!("vm {:?}: {e}", r.name)))?;
+    Ok(())
 }
 
 /// The status as the API spells it.
@@ -278,14 +288,65 @@ impl Vmm {
     }
 
     /// Applies `f` to the stored record of `name` and writes it; returns the record and the
-    /// write's sequence number. Emits an event when the status changed.
+    /// write's sequence number. Emits an event when the status changed. Its status only moves
+    /// by [`Vmm::transition`].
     fn update(&self, name: &str, f: impl FnOnce(&mut VmRecord)) -> Result<(VmRecord, u64)> {
+        self.change(name, |r| {
+            let status = r.status;
+            f(r);
+            debug_assert_eq!(status, r.status, "a status changed outside the table");
+            Ok(())
+        })
+    }
+
+    /// Moves VM `name` by `event` through the table ([`states::next`]) and applies `f`; an
+    /// illegal transition changes nothing and is a precondition error.
+    fn transition(
+        &self,
+        name: &str,
+        event: Event,
+        f: impl FnOnce(&mut VmRecord),
+    ) -> Result<(VmRecord, u64)> {
+        self.change(name, |r| {
+            advance(r, event)?;
+            f(r);
+            Ok(())
+        })
+    }
+
+    /// [`Vmm::transition`] of the VM whose hypervisor is `pid`: nothing when another one
+    /// replaced it.
+    fn transition_of(
+        &self,
+        name: &str,
+        pid: u32,
+        event: Event,
+        f: impl FnOnce(&mut VmRecord),
+    ) -> Result<(VmRecord, u64)> {
+        self.change(name, |r| {
+            if r.pid != Some(pid) {
+                return Err(Error::precondition(format!(
+                    "vm {name:?} has another hypervisor"
+                )));
+            }
+            advance(r, event)?;
+            f(r);
+            Ok(())
+        })
+    }
+
+    /// Applies `f` to the stored record of `name` and writes it, unless `f` fails.
+    fn change(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut VmRecord) -> Result<()>,
+    ) -> Result<(VmRecord, u64)> {
         let mut vms = lock(&self.vms);
         let current = vms
             .get(name)
             .ok_or_else(|| Error::not_found(format!("vm {name:?} does not exist")))?;
         let mut next = current.clone();
-        f(&mut next);
+        f(&mut next)?;
         next.updated_at = SystemTime::now();
         self.store.put_vm(&next).map_err(store_err)?;
         let seq = self.durability.record();

@@ -12,8 +12,7 @@ impl Vmm {
                 VmStatus::Creating => {
                     tracing::warn!(vm = %rec.name, "vmmd stopped while creating it: undoing");
                     self.tear_down(&rec.name, true).await;
-                    if let Ok((_, seq)) = self.update(&rec.name, |r| {
-                        r.status = VmStatus::Failed;
+                    if let Ok((_, seq)) = self.transition(&rec.name, Event::Failed, |r| {
                         r.error = "vmmd stopped while creating this VM".into();
                     }) {
                         self.durable(seq).await;
@@ -82,8 +81,7 @@ impl Vmm {
             _ if rec.host_boot.is_some() && rec.host_boot != self.host_boot => {
                 tracing::info!(vm = %rec.name, "the host restarted while it ran: stopped");
                 self.clear_run_files(rec);
-                if let Ok((_, seq)) = self.update(&rec.name, |r| {
-                    r.status = VmStatus::Stopped;
+                if let Ok((_, seq)) = self.transition(&rec.name, Event::PoweredOff, |r| {
                     r.pid = None;
                     r.pid_start = None;
                     r.error = "the host restarted while it ran".into();
@@ -92,11 +90,10 @@ impl Vmm {
                 }
             }
             _ => {
-                let (next, why) = guest::ended(&self.paths(&rec.name), rec.status, None);
+                let (event, why) = guest::ended(&self.paths(&rec.name), rec.status, None);
                 tracing::warn!(vm = %rec.name, "its hypervisor ended while vmmd was down: {why}");
                 self.clear_run_files(rec);
-                if let Ok((_, seq)) = self.update(&rec.name, |r| {
-                    r.status = next;
+                if let Ok((_, seq)) = self.transition(&rec.name, event, |r| {
                     r.pid = None;
                     r.pid_start = None;
                     r.error = if why.is_empty() {
