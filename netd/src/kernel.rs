@@ -336,18 +336,9 @@ impl Kernel {
     ) -> Result<(), String> {
         let rules = (!desired.networks.is_empty()).then(|| rules_of(desired));
         let fw = self.firewall.clone();
-        let changed = tokio::task::spawn_blocking(move || {
-            let mut changed = Vec::new();
-            for chain in firewall::CHAINS {
-                changed.extend(match &rules {
-                    Some(rules) => fw.sync(chain, rules.of(chain))?,
-                    None => fw.remove(chain)?,
-                });
-            }
-            Ok::<_, String>(changed)
-        })
-        .await
-        .map_err(|e| format!("iptables task: {e}"))??;
+        let changed = tokio::task::spawn_blocking(move || fw.sync(rules.as_ref()))
+            .await
+            .map_err(|e| format!("iptables task: {e}"))??;
         done.extend(changed);
         Ok(())
     }
@@ -446,18 +437,15 @@ impl Kernel {
             ..Default::default()
         };
         let fw = self.firewall.clone();
-        let (actual, jumped) = tokio::task::spawn_blocking(move || {
-            let mut actual = Vec::new();
-            let mut jumped = Vec::new();
-            for chain in firewall::CHAINS {
-                actual.push(fw.list(chain)?);
-                jumped.push(fw.jumps(chain)?.iter().all(|n| *n >= 1));
-            }
-            Ok::<_, String>((actual, jumped))
-        })
-        .await
-        .map_err(|e| format!("iptables task: {e}"))??;
-        let [forward, postrouting, prerouting] = [&actual[0], &actual[1], &actual[2]];
+        let now = tokio::task::spawn_blocking(move || fw.read())
+            .await
+            .map_err(|e| format!("iptables task: {e}"))??;
+        let actual: Vec<&[String]> = firewall::CHAINS.iter().map(|c| now.rules(c)).collect();
+        let jumped: Vec<bool> = firewall::CHAINS
+            .iter()
+            .map(|c| now.jumps(c).iter().all(|n| *n >= 1))
+            .collect();
+        let [forward, postrouting, prerouting] = [actual[0], actual[1], actual[2]];
         let nat_rule = firewall::masquerade(&NetRules {
             bridge: &net.name,
             subnet: net.subnet,
