@@ -16,9 +16,8 @@ use crate::error::ApiError;
 
 /// Connections kept, at most.
 const MAX_IDLE: usize = 64;
-/// How long a kept connection may be left unused; proxyd closes a client connection that sends
-/// nothing for 30 s, so this stays well below it.
-const IDLE_LIMIT: Duration = Duration::from_secs(10);
+/// How long a kept connection may be left unused (below proxyd's wait for a request head).
+const IDLE_LIMIT: Duration = volant_services::timeouts::GATEWAY_KEEP;
 
 /// proxyd's ingress listener and the connections to it kept for reuse.
 pub struct Ingress {

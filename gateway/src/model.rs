@@ -1,4 +1,4 @@
-//! The JSON shapes of the REST API (`INTERFACES.md`), with their OpenAPI schemas, and the
+//! The JSON shapes of the REST API (`docs/api.md`), with their OpenAPI schemas, and the
 //! conversions from the services' messages.
 
 use std::collections::BTreeMap;

@@ -9,7 +9,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use crate::cmdline::Workload;
 
 /// How long the workload has to exit after SIGTERM before it is killed.
-const GRACE: Duration = Duration::from_secs(10);
+const GRACE: Duration = volant_boot::WORKLOAD_GRACE;
 
 /// Reaps every exited child; returns the exit code of `workload` if it was among them.
 fn reap(workload: libc::pid_t) -> Option<i32> {

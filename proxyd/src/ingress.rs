@@ -30,8 +30,9 @@ const MAX_HEAD: usize = 256 * 1024;
 const MAX_ANSWER_HEAD: usize = 64 * 1024;
 /// Idle connections kept per VM.
 const POOL_PER_VM: usize = 32;
-/// How long a client may take to send a request head.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may take to send a request head (the gateway's kept connections depend on
+/// it).
+const HEAD_TIMEOUT: Duration = volant_services::timeouts::INGRESS_HEAD;
 /// How long an upgraded connection may live.
 const UPGRADED_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 

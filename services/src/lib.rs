@@ -10,6 +10,7 @@ pub mod durability;
 pub mod hop;
 pub mod mtls;
 pub mod telemetry;
+pub mod timeouts;
 pub mod validate;
 
 pub use addr::Addr;

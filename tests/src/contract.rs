@@ -7,7 +7,7 @@ use crate::recorder::Exchange;
 
 fn matches(template: &str, path: &str) -> bool {
     let (t, p): (Vec<&str>, Vec<&str>) = (template.split('/').collect(), path.split('/').collect());
-    // A final `{path}` is the rest of the path (INTERFACES.md writes it `{path...}`).
+    // A final `{path}` is the rest of the path (some routers write it `{path...}`).
     if t.last() == Some(&"{path}") && p.len() >= t.len() - 1 {
         let n = t.len() - 1;
         return matches(&t[..n].join("/"), &p[..n].join("/"));

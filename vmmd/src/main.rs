@@ -88,6 +88,24 @@ fn cgroups(c: &volant_services::config::VmmdConfig) -> anyhow::Result<Option<cgr
     Ok(Some(groups))
 }
 
+/// How long a guest has to stop cleanly: by default kestrel's whole clean stop; a shorter
+/// setting cuts the workload's grace short, which is allowed and said.
+fn stop_timeout(secs: Option<u64>) -> Duration {
+    let Some(secs) = secs else {
+        return volant_boot::CLEAN_STOP;
+    };
+    let t = Duration::from_secs(secs);
+    if t < volant_boot::CLEAN_STOP {
+        tracing::warn!(
+            "vmmd.stop_timeout_secs is {secs}: a workload that uses its {:?} of grace after \
+             SIGTERM is cut off before the guest powers off cleanly ({:?} would let it)",
+            volant_boot::WORKLOAD_GRACE,
+            volant_boot::CLEAN_STOP
+        );
+    }
+    t
+}
+
 fn settings(daemon: &Daemon) -> anyhow::Result<vmm::Settings> {
     let c = &daemon.config.vmmd;
     let hypervisor = match c.hypervisor.as_deref() {
@@ -149,7 +167,7 @@ fn settings(daemon: &Daemon) -> anyhow::Result<vmm::Settings> {
         hypervisor,
         qemu,
         cloud_hypervisor,
-        stop_timeout: Duration::from_secs(c.stop_timeout_secs.unwrap_or(10)),
+        stop_timeout: stop_timeout(c.stop_timeout_secs),
         boot_timeout: Duration::from_secs(c.boot_timeout_secs.unwrap_or(120)),
         cgroups: cgroups(c)?,
         jail: jail(c)?,

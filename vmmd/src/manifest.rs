@@ -1,4 +1,4 @@
-//! Plugin manifests: the JSON of `INTERFACES.md`, parsed strictly and checked, with the failing
+//! Plugin manifests: the JSON of `docs/manifest.md`, parsed strictly and checked, with the failing
 //! field's path in every message.
 
 use std::collections::BTreeMap;

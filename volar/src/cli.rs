@@ -1,4 +1,4 @@
-//! The command line, as `INTERFACES.md` describes it.
+//! The command line, as `docs/api.md` summarises it.
 
 use std::path::PathBuf;
 

@@ -10,6 +10,15 @@ pub mod workload;
 
 pub use workload::{WORKLOAD_FILE, Workload};
 
+/// How long kestrel gives the workload after SIGTERM (a stop) before it kills it.
+pub const WORKLOAD_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a clean stop of a guest may take: the workload's grace, then kestrel's kill, sync
+/// and power-off. vmmd waits this long by default before it stops the hypervisor, so that a
+/// workload using its whole grace still ends cleanly.
+pub const CLEAN_STOP: std::time::Duration =
+    std::time::Duration::from_secs(WORKLOAD_GRACE.as_secs() + 5);
+
 /// The prefix of the parameters vmmd sets.
 pub const PREFIX: &str = "volant.";
 
