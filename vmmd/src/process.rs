@@ -1,7 +1,7 @@
 //! Hypervisor processes seen from outside: identity across restarts, exit, and discovery of
 //! processes that a crash left unrecorded.
 
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use tokio::io::unix::AsyncFd;
 
@@ -30,20 +30,94 @@ fn zombie(pid: u32) -> bool {
         .unwrap_or(true)
 }
 
-/// The pids of processes one of whose arguments contains `needle`.
-pub fn find_by_arg(needle: &str) -> Vec<u32> {
+/// A process held by a pidfd: its signals reach it, never a later process that reuses its pid,
+/// and its exit can be awaited whoever its parent is.
+pub struct Process {
+    fd: OwnedFd,
+    /// Its pid, for messages.
+    pub pid: u32,
+}
+
+impl Process {
+    /// Process `pid` if it runs and is the one that started at `start` (any, with `None`).
+    /// Reads /proc: call it off the async threads ([`blocking`]).
+    pub fn open(pid: u32, start: Option<u64>) -> Option<Process> {
+        // SAFETY: pidfd_open returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        // Checked after the pidfd is open: a process that matches now is the one it holds.
+        alive(pid, start).then_some(Process { fd, pid })
+    }
+
+    /// Sends SIGKILL.
+    pub fn kill(&self) {
+        // SAFETY: pidfd_send_signal reads nothing through its null siginfo pointer.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.fd.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+    }
+
+    /// Whether it has exited (its pidfd is readable then).
+    pub fn has_exited(&self) -> bool {
+        let mut p = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no waiting.
+        unsafe { libc::poll(&mut p, 1, 0) > 0 }
+    }
+
+    /// Waits until it exits.
+    pub async fn exited(self) {
+        // SAFETY: the pidfd is owned by the AsyncFd alone and never closed behind its back.
+        match unsafe { AsyncFd::register(self.fd) } {
+            Ok(afd) => {
+                let _ = afd.readable().await;
+            }
+            Err(e) => {
+                tracing::warn!(pid = self.pid, "waiting for a process: {e}");
+            }
+        }
+    }
+}
+
+/// The processes one of whose arguments contains `needle`, held (a scan of /proc: call it off
+/// the async threads, [`blocking`]).
+pub fn find_by_arg(needle: &str) -> Vec<Process> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return vec![];
     };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-                c.split(|b| *b == 0)
-                    .any(|arg| arg.windows(needle.len()).any(|w| w == needle.as_bytes()))
-            })
+        .filter_map(|pid| {
+            let start = start_time(pid)?;
+            let p = Process::open(pid, Some(start))?;
+            // Read again through the held process: its arguments, not a successor's.
+            let args = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let named = args
+                .split(|b| *b == 0)
+                .any(|arg| arg.windows(needle.len()).any(|w| w == needle.as_bytes()));
+            (named && alive(pid, Some(start))).then_some(p)
         })
-        .filter(|pid| !zombie(*pid))
         .collect()
+}
+
+/// Runs `f` (file system or /proc work) on a thread for blocking work, not on the runtime's.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
 }
 
 /// The identity of this boot of the host (or of the container vmmd runs in), kept in
@@ -63,33 +137,4 @@ pub fn host_boot(run_dir: &std::path::Path) -> Option<String> {
     std::fs::read_to_string(&file)
         .ok()
         .map(|s| s.trim().to_string())
-}
-
-/// Sends `signal` to `pid`.
-pub fn signal(pid: u32, signal: libc::c_int) {
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe { libc::kill(pid as libc::pid_t, signal) };
-}
-
-/// Waits until process `pid` exits, whoever its parent is (a pidfd becomes readable then).
-pub async fn exited(pid: u32) {
-    // SAFETY: pidfd_open returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return; // Gone already.
-    }
-    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    // SAFETY: the pidfd is owned by the AsyncFd alone and never closed behind its back.
-    match unsafe { AsyncFd::register(fd) } {
-        Ok(afd) => {
-            let _ = afd.readable().await;
-        }
-        Err(_) => {
-            // Without a reactor registration, poll.
-            while alive(pid, None) {
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-        }
-    }
 }

@@ -227,12 +227,12 @@ impl Driver for Qemu {
 
     async fn release(&self, paths: &Paths) {
         let needle = paths.vhost_socket.display().to_string();
-        let pids = process::find_by_arg(&needle);
-        for pid in &pids {
-            process::signal(*pid, libc::SIGKILL);
+        let backends = process::blocking(move || process::find_by_arg(&needle)).await;
+        for p in &backends {
+            p.kill();
         }
-        for pid in pids {
-            process::exited(pid).await;
+        for p in backends {
+            p.exited().await;
         }
     }
 }

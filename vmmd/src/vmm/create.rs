@@ -268,14 +268,19 @@ impl Vmm {
         if let Some(seq) = seq {
             self.durable(seq).await;
         }
-        let parent = paths.jail.parent().expect("a VM directory has a parent");
-        std::fs::create_dir_all(parent)
-            .map_err(|e| Error::internal(format!("creating {}: {e}", parent.display())))?;
-        match (&self.settings.jail, uid) {
-            (Some(_), Some(uid)) => jail::own_dir(&paths.jail, uid).map_err(Error::internal),
-            _ => std::fs::create_dir_all(&paths.jail)
-                .map_err(|e| Error::internal(format!("creating {}: {e}", paths.jail.display()))),
-        }
+        let jailed = self.settings.jail.is_some();
+        process::blocking(move || {
+            let parent = paths.jail.parent().expect("a VM directory has a parent");
+            std::fs::create_dir_all(parent)
+                .map_err(|e| Error::internal(format!("creating {}: {e}", parent.display())))?;
+            match (jailed, uid) {
+                (true, Some(uid)) => jail::own_dir(&paths.jail, uid).map_err(Error::internal),
+                _ => std::fs::create_dir_all(&paths.jail).map_err(|e| {
+                    Error::internal(format!("creating {}: {e}", paths.jail.display()))
+                }),
+            }
+        })
+        .await
     }
 
     /// The proxyd route of a vsock VM.

@@ -22,43 +22,10 @@ impl Vmm {
             Hypervisor::CloudHypervisor => "kvm".to_string(),
         };
         let paths = self.paths(name);
-        std::fs::create_dir_all(&paths.dir)
-            .map_err(|e| Error::internal(format!("creating {}: {e}", paths.dir.display())))?;
-        guest::rotate(&paths);
-        let (base, workload, composed) = (
-            rec.manifest.boot.initramfs.clone(),
-            workload_json(&rec.manifest),
-            paths.initramfs.clone(),
-        );
-        tokio::task::spawn_blocking(move || {
-            initramfs::compose(base.as_ref(), &workload, &composed)
-        })
-        .await
-        .map_err(|e| Error::internal(format!("initramfs task: {e}")))?
-        .map_err(Error::precondition)?;
-        let identity = match (&self.settings.jail, rec.uid) {
-            (Some(jail), Some(uid)) => {
-                jail::own_file(&paths.initramfs, uid, 0o400).map_err(Error::internal)?;
-                jail::own_file(&paths.serial, uid, 0o640).map_err(Error::internal)?;
-                Some(jail.identity(uid))
-            }
-            _ => None,
-        };
-        if let Some(cid) = rec.cid {
-            let link = paths.vsock_link(cid);
-            let _ = std::fs::remove_file(&link);
-            std::os::unix::fs::symlink(&paths.vsock, &link)
-                .map_err(|e| Error::internal(format!("linking {}: {e}", link.display())))?;
-        }
+        let (settings, files_of) = (self.settings.clone(), rec.clone());
+        let (identity, procs) =
+            process::blocking(move || launch_files(&settings, &files_of)).await?;
         let initramfs = paths.initramfs.display().to_string();
-        let limits = Limits {
-            cpus: rec.cpu_cores,
-            memory_mb: rec.memory_mb,
-        };
-        let procs = match &self.settings.cgroups {
-            Some(groups) => groups.prepare(name, limits).map_err(Error::internal)?,
-            None => Vec::new(),
-        };
         let cgroup: Vec<std::os::fd::RawFd> =
             procs.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
         let (_, seq) = self.update(name, |r| {
@@ -97,14 +64,15 @@ impl Vmm {
             .await
             .map_err(|e| Error::precondition(format!("the VM could not start: {e}")))?;
         let pid = launched.child.id().unwrap_or_default();
+        let start = process::blocking(move || process::start_time(pid)).await;
         let (rec, seq) = self.transition(name, Event::Launched, |r| {
             r.error.clear();
             r.pid = Some(pid);
-            r.pid_start = process::start_time(pid);
+            r.pid_start = start;
             r.boot_started = Some(SystemTime::now());
             r.host_boot = self.host_boot.clone();
         })?;
-        self.watch_exit(name, pid, Some(launched.child));
+        self.watch_exit(name, pid, Waiter::Child(launched.child));
         self.watch_boot(name, pid);
         self.durable(seq)
             .instrument(tracing::info_span!("vm.booting", vm = %name))
@@ -117,21 +85,16 @@ impl Vmm {
     /// the run directory. A VM that was booting or running is then `stopped` (its guest was ready
     /// and powered off cleanly) or `failed` with the reason, whoever started the hypervisor; a VM
     /// being stopped or deleted is left to that.
-    pub(super) fn watch_exit(
-        self: &Arc<Self>,
-        name: &str,
-        pid: u32,
-        child: Option<tokio::process::Child>,
-    ) {
+    pub(super) fn watch_exit(self: &Arc<Self>, name: &str, pid: u32, waiter: Waiter) {
         let (tx, rx) = watch::channel(false);
         lock(&self.exits).insert(name.to_string(), rx);
         let vmm = self.clone();
         let name = name.to_string();
         tokio::spawn(async move {
-            let status = match child {
-                Some(mut child) => child.wait().await.ok(),
-                None => {
-                    process::exited(pid).await;
+            let status = match waiter {
+                Waiter::Child(mut child) => child.wait().await.ok(),
+                Waiter::Adopted(p) => {
+                    p.exited().await;
                     None
                 }
             };
@@ -140,7 +103,7 @@ impl Vmm {
                 if let Ok(driver) = vmm.driver(rec.hypervisor) {
                     driver.release(&paths).await;
                 }
-                vmm.clear_run_files(&rec);
+                vmm.clear_run_files(&rec).await;
             }
             let _ = tx.send(true);
             let was = vmm.get(&name).map(|r| r.status).ok();
@@ -181,7 +144,14 @@ impl Vmm {
                 if rec.status != VmStatus::Booting || rec.pid != Some(pid) {
                     return;
                 }
-                if guest::said_ready(&paths.serial, &mut seen) {
+                let serial = paths.serial.clone();
+                let (ready, now) = process::blocking(move || {
+                    let ready = guest::said_ready(&serial, &mut seen);
+                    (ready, seen)
+                })
+                .await;
+                seen = now;
+                if ready {
                     if let Ok((_, seq)) = vmm.transition_of(&name, pid, Event::Ready, |_| {}) {
                         vmm.durable(seq).await;
                     }
@@ -193,7 +163,7 @@ impl Vmm {
                     let why = format!(
                         "the guest did not say it was ready within {:?}; its console ends: {}",
                         vmm.settings.boot_timeout,
-                        guest::last_lines(&paths, 3)
+                        process::blocking(move || guest::last_lines(&paths, 3)).await
                     );
                     tracing::warn!(vm = %name, "{why}");
                     if let Ok((rec, seq)) = vmm.transition_of(&name, pid, Event::Failed, |r| {
@@ -212,40 +182,43 @@ impl Vmm {
     /// Removes what a VM's hypervisor leaves in the run directory when it ends: its control
     /// socket and Cloud Hypervisor's lock beside it, and the host end of its vsock (Cloud
     /// Hypervisor binds it at boot and leaves it; a leftover makes the next boot fail).
-    pub(super) fn clear_run_files(&self, rec: &VmRecord) {
-        let paths = self.paths(&rec.name);
-        for f in [&paths.api_socket, &paths.api_lock, &paths.vhost_socket] {
-            let _ = std::fs::remove_file(f);
-        }
-        if !rec.vsock_socket.is_empty() {
-            let _ = std::fs::remove_file(&rec.vsock_socket);
-        }
-        if let Some(cid) = rec.cid {
-            let _ = std::fs::remove_file(paths.vsock_link(cid));
-        }
-        self.remove_cgroup(&rec.name);
+    pub(super) async fn clear_run_files(&self, rec: &VmRecord) {
+        let (paths, settings, rec) = (self.paths(&rec.name), self.settings.clone(), rec.clone());
+        process::blocking(move || {
+            for f in [&paths.api_socket, &paths.api_lock, &paths.vhost_socket] {
+                let _ = std::fs::remove_file(f);
+            }
+            if !rec.vsock_socket.is_empty() {
+                let _ = std::fs::remove_file(&rec.vsock_socket);
+            }
+            if let Some(cid) = rec.cid {
+                let _ = std::fs::remove_file(paths.vsock_link(cid));
+            }
+            remove_cgroup(&settings, &rec.name);
+        })
+        .await
     }
 
     /// Removes the cgroups of VMs that have no hypervisor (or no record) any more.
-    pub(super) fn sweep_cgroups(&self) {
-        let Some(groups) = &self.settings.cgroups else {
-            return;
-        };
-        for name in groups.vms() {
-            let running = self.get(&name).is_ok_and(|r| r.pid.is_some());
-            if !running {
-                self.remove_cgroup(&name);
+    pub(super) async fn sweep_cgroups(&self) {
+        let running: Vec<String> = self
+            .list()
+            .into_iter()
+            .filter(|r| r.pid.is_some())
+            .map(|r| r.name)
+            .collect();
+        let settings = self.settings.clone();
+        process::blocking(move || {
+            let Some(groups) = &settings.cgroups else {
+                return;
+            };
+            for name in groups.vms() {
+                if !running.contains(&name) {
+                    remove_cgroup(&settings, &name);
+                }
             }
-        }
-    }
-
-    /// Removes VM `name`'s cgroup; one still in use stays for the next reconciliation.
-    pub(super) fn remove_cgroup(&self, name: &str) {
-        if let Some(groups) = &self.settings.cgroups
-            && let Err(e) = groups.remove(name)
-        {
-            tracing::debug!(vm = %name, "{e}; the next reconciliation retries");
-        }
+        })
+        .await
     }
 
     /// Waits up to `limit` for the hypervisor of `name` to exit; returns whether it did.
@@ -263,12 +236,14 @@ impl Vmm {
     /// hypervisor's own stop, then SIGKILL.
     pub(super) async fn stop_hypervisor(&self, rec: &VmRecord, graceful: bool) {
         let Some(pid) = rec.pid else { return };
-        if !process::alive(pid, rec.pid_start) {
+        let start = rec.pid_start;
+        let Some(hypervisor) = process::blocking(move || process::Process::open(pid, start)).await
+        else {
             return;
-        }
+        };
         let api = self.paths(&rec.name).api_socket;
         let Ok(driver) = self.driver(rec.hypervisor) else {
-            process::signal(pid, libc::SIGKILL);
+            hypervisor.kill();
             return;
         };
         if graceful {
@@ -281,9 +256,61 @@ impl Vmm {
         if let Err(e) = driver.force_stop(&api).await {
             tracing::warn!(vm = %rec.name, "stopping the hypervisor: {e}");
         }
-        if !self.exited(&rec.name, KILL_GRACE).await && process::alive(pid, rec.pid_start) {
-            process::signal(pid, libc::SIGKILL);
+        if !self.exited(&rec.name, KILL_GRACE).await && !hypervisor.has_exited() {
+            hypervisor.kill();
             self.exited(&rec.name, KILL_GRACE).await;
         }
+    }
+}
+
+/// Prepares a launch's files (off the async threads): the VM's state directory, its console
+/// rotated, the per-boot initramfs with its workload, their owner, the vsock link and the cgroup.
+/// Returns the identity the hypervisor takes and its cgroup's open `cgroup.procs` files.
+fn launch_files(
+    settings: &Settings,
+    rec: &VmRecord,
+) -> Result<(Option<jail::Identity>, Vec<std::fs::File>)> {
+    let paths = Paths::of(&settings.state_dir, &settings.run_dir, &rec.name);
+    std::fs::create_dir_all(&paths.dir)
+        .map_err(|e| Error::internal(format!("creating {}: {e}", paths.dir.display())))?;
+    guest::rotate(&paths);
+    let workload = workload_json(&rec.manifest);
+    initramfs::compose(
+        rec.manifest.boot.initramfs.as_ref(),
+        &workload,
+        &paths.initramfs,
+    )
+    .map_err(Error::precondition)?;
+    let identity = match (&settings.jail, rec.uid) {
+        (Some(jail), Some(uid)) => {
+            jail::own_file(&paths.initramfs, uid, 0o400).map_err(Error::internal)?;
+            jail::own_file(&paths.serial, uid, 0o640).map_err(Error::internal)?;
+            Some(jail.identity(uid))
+        }
+        _ => None,
+    };
+    if let Some(cid) = rec.cid {
+        let link = paths.vsock_link(cid);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&paths.vsock, &link)
+            .map_err(|e| Error::internal(format!("linking {}: {e}", link.display())))?;
+    }
+    let limits = Limits {
+        cpus: rec.cpu_cores,
+        memory_mb: rec.memory_mb,
+    };
+    let procs = match &settings.cgroups {
+        Some(groups) => groups.prepare(&rec.name, limits).map_err(Error::internal)?,
+        None => Vec::new(),
+    };
+    Ok((identity, procs))
+}
+
+/// Removes VM `name`'s cgroup; one still in use stays for the next reconciliation.
+pub(super) fn remove_cgroup(settings: &Settings, name: &str) {
+    if let Some(groups) = &settings.cgroups
+        && let Err(e) = groups.remove(name)
+    {
+        tracing::debug!(vm = %name, "{e}; the next reconciliation retries");
     }
 }

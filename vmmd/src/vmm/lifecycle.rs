@@ -10,13 +10,14 @@ impl Vmm {
         self.stop_hypervisor(&rec, false).await;
         // A hypervisor started but not yet recorded (a crash mid-launch) is found by its socket.
         let api = self.paths(name).api_socket;
-        for pid in process::find_by_arg(&api.display().to_string()) {
-            process::signal(pid, libc::SIGKILL);
+        let needle = api.display().to_string();
+        for p in process::blocking(move || process::find_by_arg(&needle)).await {
+            p.kill();
         }
         if let Ok(driver) = self.driver(rec.hypervisor) {
             driver.release(&self.paths(name)).await;
         }
-        self.clear_run_files(&rec);
+        self.clear_run_files(&rec).await;
         let mut first = None;
         if rec.mode == Mode::Vsock
             && let Err(e) = self.peers.unregister_route(name).await
@@ -94,9 +95,13 @@ impl Vmm {
             seq
         };
         lock(&self.exits).remove(name);
-        let _ = std::fs::remove_dir_all(self.paths(name).dir);
-        let _ = std::fs::remove_dir_all(self.paths(name).jail);
-        self.remove_cgroup(name);
+        let (paths, settings, name) = (self.paths(name), self.settings.clone(), name.to_string());
+        process::blocking(move || {
+            let _ = std::fs::remove_dir_all(paths.dir);
+            let _ = std::fs::remove_dir_all(paths.jail);
+            hypervisor::remove_cgroup(&settings, &name);
+        })
+        .await;
         self.durable(seq).await;
         Ok(())
     }

@@ -99,7 +99,7 @@ pub struct CreateRequest {
 
 /// The VM manager.
 pub struct Vmm {
-    settings: Settings,
+    settings: Arc<Settings>,
     store: Arc<Store>,
     durability: Durability,
     peers: Arc<dyn Peers>,
@@ -129,6 +129,13 @@ fn store_err(e: String) -> Error {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How a hypervisor's exit is awaited: as vmmd's child, or held by a pidfd after a restart of
+/// vmmd.
+enum Waiter {
+    Child(tokio::process::Child),
+    Adopted(process::Process),
 }
 
 /// Moves record `r` by `event` through the table ([`states::next`]).
@@ -214,7 +221,7 @@ impl Vmm {
         let settings_run_dir = settings.run_dir.clone();
         Ok(Vmm {
             drivers,
-            settings,
+            settings: Arc::new(settings),
             durability: Durability::new(Box::new(move || flushed.flush())),
             store,
             peers,

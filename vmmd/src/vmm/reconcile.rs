@@ -40,7 +40,7 @@ impl Vmm {
                 if let Ok(driver) = self.driver(rec.hypervisor) {
                     driver.release(&self.paths(&rec.name)).await;
                 }
-                self.clear_run_files(&rec);
+                self.clear_run_files(&rec).await;
             }
         }
         let recorded: Vec<u32> = self
@@ -52,35 +52,48 @@ impl Vmm {
         // Hypervisors name their API socket, <run-dir>/vms/<vm>/api.sock (vsock backends name
         // other sockets of that directory).
         let jails = self.settings.run_dir.join("vms").display().to_string();
-        let apis = process::find_by_arg("/api.sock");
-        for pid in process::find_by_arg(&jails) {
-            if apis.contains(&pid) && !recorded.contains(&pid) {
-                tracing::warn!(pid, "stopping a hypervisor that no VM records");
-                process::signal(pid, libc::SIGKILL);
-            }
+        let strays = process::blocking(move || {
+            let apis: Vec<u32> = process::find_by_arg("/api.sock")
+                .iter()
+                .map(|p| p.pid)
+                .collect();
+            process::find_by_arg(&jails)
+                .into_iter()
+                .filter(|p| apis.contains(&p.pid) && !recorded.contains(&p.pid))
+                .collect::<Vec<_>>()
+        })
+        .await;
+        for p in strays {
+            tracing::warn!(pid = p.pid, "stopping a hypervisor that no VM records");
+            p.kill();
         }
     }
 
     pub(super) async fn adopt(self: &Arc<Self>, rec: &VmRecord) {
         let api = self.paths(&rec.name).api_socket;
-        let alive = rec
-            .pid
-            .is_some_and(|pid| process::alive(pid, rec.pid_start));
+        let held = match rec.pid {
+            Some(pid) => {
+                let start = rec.pid_start;
+                process::blocking(move || process::Process::open(pid, start)).await
+            }
+            None => None,
+        };
         let answers = match self.driver(rec.hypervisor) {
-            Ok(d) if alive => d.ping(&api).await.is_ok(),
+            Ok(d) if held.is_some() => d.ping(&api).await.is_ok(),
             _ => false,
         };
-        match (rec.pid, answers) {
-            (Some(pid), true) => {
+        match (held, answers) {
+            (Some(p), true) => {
+                let pid = p.pid;
                 tracing::info!(vm = %rec.name, pid, "re-adopted its running hypervisor");
-                self.watch_exit(&rec.name, pid, None);
+                self.watch_exit(&rec.name, pid, Waiter::Adopted(p));
                 if rec.status == VmStatus::Booting {
                     self.watch_boot(&rec.name, pid);
                 }
             }
             _ if rec.host_boot.is_some() && rec.host_boot != self.host_boot => {
                 tracing::info!(vm = %rec.name, "the host restarted while it ran: stopped");
-                self.clear_run_files(rec);
+                self.clear_run_files(rec).await;
                 if let Ok((_, seq)) = self.transition(&rec.name, Event::PoweredOff, |r| {
                     r.pid = None;
                     r.pid_start = None;
@@ -92,7 +105,7 @@ impl Vmm {
             _ => {
                 let (event, why) = guest::ended(&self.paths(&rec.name), rec.status, None);
                 tracing::warn!(vm = %rec.name, "its hypervisor ended while vmmd was down: {why}");
-                self.clear_run_files(rec);
+                self.clear_run_files(rec).await;
                 if let Ok((_, seq)) = self.transition(&rec.name, event, |r| {
                     r.pid = None;
                     r.pid_start = None;
@@ -147,7 +160,7 @@ impl Vmm {
                 stuck.push((rec.name, e));
             }
         }
-        self.sweep_cgroups();
+        self.sweep_cgroups().await;
         let vsock_vms = self.list().iter().any(|r| r.mode == Mode::Vsock);
         let peers = self.reconcile_peers().await;
         let routes = match self.reconcile_routes().await {

@@ -150,8 +150,9 @@ impl Driver for FakeDriver {
         self.force_stop(api).await
     }
     async fn force_stop(&self, api: &std::path::Path) -> std::result::Result<(), String> {
-        if let Some(pid) = lock(&self.pids).remove(api) {
-            process::signal(pid, libc::SIGKILL);
+        let pid = lock(&self.pids).remove(api);
+        if let Some(p) = pid.and_then(|pid| process::Process::open(pid, None)) {
+            p.kill();
         }
         Ok(())
     }
