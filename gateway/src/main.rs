@@ -27,7 +27,6 @@ use clap::Parser;
 use tonic_health::pb::health_client::HealthClient;
 use volant_services::addr::Addr;
 use volant_services::api::ipam::v1::ipam_client::IpamClient;
-use volant_services::api::net::v1::net_client::NetClient;
 use volant_services::api::vmm::v1::vmm_client::VmmClient;
 use volant_services::daemon::{self, Daemon, DaemonArgs};
 
@@ -63,7 +62,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let peers = peers::Peers {
         vmm: VmmClient::new(channels[0].1.clone()),
         ipam: IpamClient::new(channels[1].1.clone()),
-        net: NetClient::new(channels[2].1.clone()),
         health: channels
             .iter()
             .map(|(name, ch)| (*name, HealthClient::new(ch.clone())))

@@ -1,13 +1,12 @@
 //! `/api/v1/networks` and `/api/v1/ipam/leases`: a network is netd's bridge and ipamd's pool of
-//! the same name, made and removed together.
+//! the same name, made and removed together by vmmd, their owner.
 
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Deserialize;
-use tonic::Code;
 use utoipa::IntoParams;
-use volant_services::api::{ipam::v1 as ipam, net::v1 as net};
+use volant_services::api::{ipam::v1 as ipam, net::v1 as net, vmm::v1 as vmm};
 
 use crate::error::{ApiError, Body, By, ErrorBody, Path, Query};
 use crate::model::{CreateNetwork, Lease, List, Network, UpdateNetwork};
@@ -27,60 +26,32 @@ pub struct ByNetwork {
     responses((status = 200, body = Vec<Network>), (status = 503, body = ErrorBody)))]
 pub async fn list(State(p): State<Peers>) -> Result<List<Network>, ApiError> {
     let nets = p
-        .net
+        .vmm
         .clone()
-        .list_networks(req(net::ListNetworksRequest {}, READ))
+        .list_networks(req(vmm::ListNetworksRequest::default(), READ))
         .await
-        .by("netd")?
+        .by("vmmd")?
         .into_inner()
         .networks;
-    let mut pools = p
-        .ipam
-        .clone()
-        .list_pools(req(ipam::ListPoolsRequest {}, READ))
-        .await
-        .by("ipamd")?
-        .into_inner()
-        .pools;
-    let mut out = Vec::new();
-    for n in nets {
-        let pool = pools
-            .iter()
-            .position(|p| p.name == n.name)
-            .map(|i| pools.remove(i));
-        out.extend(Network::join(Some(n), pool));
-    }
-    out.extend(
-        pools
-            .into_iter()
-            .filter_map(|p| Network::join(None, Some(p))),
-    );
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(List(out))
+    Ok(List(
+        nets.into_iter()
+            .filter_map(|n| Network::join(n.bridge, n.pool))
+            .collect(),
+    ))
 }
 
 async fn one(p: &Peers, name: &str) -> Result<Network, ApiError> {
-    let n = match p
-        .net
+    let n = p
+        .vmm
         .clone()
-        .get_network(req(net::GetNetworkRequest { name: name.into() }, READ))
+        .list_networks(req(vmm::ListNetworksRequest { name: name.into() }, READ))
         .await
-    {
-        Ok(r) => r.into_inner().network,
-        Err(s) if s.code() == Code::NotFound => None,
-        Err(s) => return Err(s).by("netd"),
-    };
-    let pool = match p
-        .ipam
-        .clone()
-        .get_pool(req(ipam::GetPoolRequest { name: name.into() }, READ))
-        .await
-    {
-        Ok(r) => r.into_inner().pool,
-        Err(s) if s.code() == Code::NotFound => None,
-        Err(s) => return Err(s).by("ipamd"),
-    };
-    Network::join(n, pool)
+        .by("vmmd")?
+        .into_inner()
+        .networks
+        .pop()
+        .unwrap_or_default();
+    Network::join(n.bridge, n.pool)
         .ok_or_else(|| ApiError::not_found(format!("network {name:?} does not exist")))
 }
 
@@ -95,9 +66,9 @@ pub async fn get(
     Ok(Json(one(&p, &name).await?))
 }
 
-/// Creates a network: its address pool, then its bridge, forwarding and rules. Creating an
-/// identical network again answers 200; one that exists otherwise answers 409 (change `nat`
-/// with `PATCH`; subnets never change).
+/// Creates a network: its address pool, then its bridge, forwarding and rules (vmmd makes both,
+/// and takes the pool back when the bridge fails). Creating an identical network again answers
+/// 200; one that exists otherwise answers 409 (change `nat` with `PATCH`; subnets never change).
 #[utoipa::path(post, path = "/api/v1/networks", tag = "networks", request_body = CreateNetwork,
     responses((status = 201, body = Network), (status = 200, body = Network), (status = 400, body = ErrorBody),
               (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
@@ -105,61 +76,38 @@ pub async fn create(
     State(p): State<Peers>,
     Body(b): Body<CreateNetwork>,
 ) -> Result<(StatusCode, Json<Network>), ApiError> {
-    let (start, end) = b.ip_range.map(|r| (r.start, r.end)).unwrap_or_default();
-    let pool = ipam::Pool {
-        name: b.name.clone(),
-        subnet: b.subnet.clone(),
-        gateway: b.gateway.unwrap_or_default(),
-        range_start: start,
-        range_end: end,
-        ..Default::default()
-    };
-    let made = p
-        .ipam
-        .clone()
-        .create_pool(req(ipam::CreatePoolRequest { pool: Some(pool) }, WRITE))
-        .await
-        .by("ipamd")?
-        .into_inner();
-    let gateway = made.pool.map(|p| p.gateway).unwrap_or_default();
-    let network = net::Network {
-        name: b.name.clone(),
+    let (range_start, range_end) = b.ip_range.map(|r| (r.start, r.end)).unwrap_or_default();
+    let bridge = net::Network {
+        name: b.name,
         subnet: b.subnet,
-        gateway,
+        gateway: b.gateway.unwrap_or_default(),
         nat: b.nat.unwrap_or(true),
         status: None,
     };
-    let ensured = p
-        .net
+    let made = p
+        .vmm
         .clone()
-        .ensure_network(req(
-            net::EnsureNetworkRequest {
-                network: Some(network),
-                update: false,
+        .create_network(req(
+            vmm::CreateNetworkRequest {
+                bridge: Some(bridge),
+                range_start,
+                range_end,
             },
             WRITE,
         ))
-        .await;
-    let ensured = match ensured {
-        Ok(r) => r.into_inner(),
-        Err(e) => {
-            if made.created {
-                // The bridge failed: take back the pool made for it.
-                let undo = ipam::DeletePoolRequest {
-                    name: b.name.clone(),
-                    force: true,
-                };
-                let _ = p.ipam.clone().delete_pool(req(undo, WRITE)).await;
-            }
-            return Err(e).by("netd");
-        }
-    };
-    let status = if made.created || ensured.created {
+        .await
+        .by("vmmd")?
+        .into_inner();
+    let status = if made.created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(one(&p, &b.name).await?)))
+    let n = made.network.unwrap_or_default();
+    let n = Network::join(n.bridge, n.pool).ok_or_else(|| {
+        ApiError::from(tonic::Status::internal("vmmd answered without a network"))
+    })?;
+    Ok((status, Json(n)))
 }
 
 /// Changes `nat` of a network. The network the config file defines answers 412: it changes
@@ -173,28 +121,17 @@ pub async fn update(
     Path(name): Path<String>,
     Body(b): Body<UpdateNetwork>,
 ) -> Result<Json<Network>, ApiError> {
-    let mut network = p
-        .net
+    p.vmm
         .clone()
-        .get_network(req(net::GetNetworkRequest { name: name.clone() }, READ))
-        .await
-        .by("netd")?
-        .into_inner()
-        .network
-        .ok_or_else(|| ApiError::not_found(format!("network {name:?} does not exist")))?;
-    network.nat = b.nat;
-    network.status = None;
-    p.net
-        .clone()
-        .ensure_network(req(
-            net::EnsureNetworkRequest {
-                network: Some(network),
-                update: true,
+        .update_network(req(
+            vmm::UpdateNetworkRequest {
+                name: name.clone(),
+                nat: b.nat,
             },
             WRITE,
         ))
         .await
-        .by("netd")?;
+        .by("vmmd")?;
     Ok(Json(one(&p, &name).await?))
 }
 
@@ -208,28 +145,17 @@ pub async fn delete(
     Path(name): Path<String>,
     Query(q): Query<Force>,
 ) -> Result<StatusCode, ApiError> {
-    p.net
+    p.vmm
         .clone()
         .delete_network(req(
-            net::DeleteNetworkRequest {
-                name: name.clone(),
-                force: q.force,
-            },
-            WRITE,
-        ))
-        .await
-        .by("netd")?;
-    p.ipam
-        .clone()
-        .delete_pool(req(
-            ipam::DeletePoolRequest {
+            vmm::DeleteNetworkRequest {
                 name,
                 force: q.force,
             },
             WRITE,
         ))
         .await
-        .by("ipamd")?;
+        .by("vmmd")?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -7,7 +7,6 @@ use tonic::Request;
 use tonic_health::pb::health_client::HealthClient;
 use volant_services::Channel;
 use volant_services::api::ipam::v1::ipam_client::IpamClient;
-use volant_services::api::net::v1::net_client::NetClient;
 use volant_services::api::vmm::v1::vmm_client::VmmClient;
 
 /// Deadline of reads.
@@ -17,15 +16,13 @@ pub const WRITE: Duration = Duration::from_secs(30);
 /// Deadline of creating, deleting, stopping and restarting a VM, which wait for hypervisors.
 pub const LIFECYCLE: Duration = Duration::from_secs(120);
 
-/// Clients of vmmd, ipamd and netd.
+/// Clients of vmmd and ipamd (leases), and every service's health.
 #[derive(Clone)]
 pub struct Peers {
     /// vmmd.
     pub vmm: VmmClient<Channel>,
     /// ipamd.
     pub ipam: IpamClient<Channel>,
-    /// netd.
-    pub net: NetClient<Channel>,
     /// Each service's health, by name.
     pub health: Vec<(&'static str, HealthClient<Channel>)>,
     /// proxyd's ingress HTTP listener.

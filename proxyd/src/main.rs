@@ -46,7 +46,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut deny = c.deny.clone();
     deny.push(daemon.config.networking.bridge.subnet);
     let denied = Arc::new(networks::Denied::new(deny));
-    tokio::spawn(denied.clone().follow(daemon.dial_peer("ipamd")?));
+    tokio::spawn(denied.clone().follow(daemon.dial_peer("vmmd")?));
     let egress = Arc::new(egress::Egress {
         resolver: resolve::Resolver::from_config(c.resolver.as_ref())
             .map_err(|e| anyhow::anyhow!("proxyd.{e}"))?,

@@ -1,7 +1,7 @@
 //! The subnets egress never reaches besides the built-in list: the configured ones, the
 //! configured bridge's, and every Volant network whenever it was made. Networks are learnt from
-//! ipamd, which holds a network's pool before its bridge exists, and re-read every second; a
-//! change reaches tunnels already open.
+//! vmmd, their owner, which lists a network from the moment its pool exists (before its bridge),
+//! and re-read every second; a change reaches tunnels already open.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,10 +9,10 @@ use std::time::Duration;
 use ipnet::IpNet;
 use tokio::sync::watch;
 use volant_services::Channel;
-use volant_services::api::ipam::v1 as ipam;
-use volant_services::api::ipam::v1::ipam_client::IpamClient;
+use volant_services::api::vmm::v1 as vmm;
+use volant_services::api::vmm::v1::vmm_client::VmmClient;
 
-/// How often ipamd's pools are read.
+/// How often the networks are read.
 const EVERY: Duration = Duration::from_secs(1);
 
 /// The denied subnets now.
@@ -53,27 +53,34 @@ impl Denied {
         })
     }
 
-    /// Keeps the list in step with ipamd's pools, for as long as proxyd runs. While ipamd
+    /// Keeps the list in step with vmmd's networks, for as long as proxyd runs. While vmmd
     /// cannot be reached the last list learnt stays.
     pub async fn follow(self: Arc<Self>, channel: Channel) {
-        let mut ipam = IpamClient::new(channel);
+        let mut vmm = VmmClient::new(channel);
         let mut reached = None;
         loop {
-            let mut req = tonic::Request::new(ipam::ListPoolsRequest {});
+            let mut req = tonic::Request::new(vmm::ListNetworksRequest::default());
             req.set_timeout(Duration::from_secs(2));
-            match ipam.list_pools(req).await {
+            match vmm.list_networks(req).await {
                 Ok(res) => {
                     let mut nets = Vec::new();
-                    for p in res.into_inner().pools {
-                        match p.subnet.parse::<IpNet>() {
-                            Ok(n) => nets.push(n.trunc()),
-                            Err(_) => {
-                                tracing::warn!(pool = %p.name, subnet = %p.subnet, "egress: a pool's subnet does not parse")
+                    for n in res.into_inner().networks {
+                        let subnets = n
+                            .pool
+                            .map(|p| (p.name, p.subnet))
+                            .into_iter()
+                            .chain(n.bridge.map(|b| (b.name, b.subnet)));
+                        for (name, subnet) in subnets {
+                            match subnet.parse::<IpNet>() {
+                                Ok(n) => nets.push(n.trunc()),
+                                Err(_) => {
+                                    tracing::warn!(network = %name, %subnet, "egress: a network's subnet does not parse")
+                                }
                             }
                         }
                     }
                     if reached != Some(true) {
-                        tracing::info!("egress: Volant networks are learnt from ipamd");
+                        tracing::info!("egress: Volant networks are learnt from vmmd");
                     }
                     reached = Some(true);
                     if self.learnt(nets) {
@@ -83,7 +90,7 @@ impl Denied {
                 Err(e) => {
                     if reached != Some(false) {
                         tracing::warn!(
-                            "egress: cannot list Volant networks from ipamd ({}); the last ones \
+                            "egress: cannot list Volant networks from vmmd ({}); the last ones \
                              learnt and the configured ones stay denied",
                             e.message()
                         );

@@ -1,19 +1,20 @@
 //! A VM must never reach a Volant network, whenever the network was made: proxyd learns every
-//! network's subnet from ipamd (the real daemons, in a namespace of their own). A public subnet
-//! (198.51.100.0/24, routed to the upstream namespace) is reachable through egress until a
-//! network with that subnet is made; then a request at work to it is cut and the next one is
+//! network's subnet from vmmd, their owner, from the moment its pool exists (the real daemons,
+//! in a namespace of their own). A public subnet (198.51.100.0/24, routed to the upstream
+//! namespace) is reachable through egress until a network with that subnet is being made (its
+//! pool made, as vmmd does first); then a request at work to it is cut and the next one is
 //! refused; once the network is gone it is reachable again. The guest's side is played by
-//! talking to a registered route's egress socket directly, as kestrel forwards it (vmmd is
-//! stopped, so that its reconcile leaves that route alone).
+//! talking to a real vsock VM's egress socket directly, as kestrel forwards it.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use volant_services::api::ipam::v1::{CreatePoolRequest, DeletePoolRequest, Pool};
+use volant_services::api::proxy::v1::ListRoutesRequest;
 use volant_services::api::proxy::v1::proxy_client::ProxyClient;
-use volant_services::api::proxy::v1::{EgressPolicy, RegisterVmRequest, Route};
-use volant_tests::{ControlPlane, host_and_upstream};
+use volant_services::api::vmm::v1::{CreateVmRequest, InstallPluginRequest};
+use volant_tests::{ControlPlane, hello_manifest, host_and_upstream};
 
 const SERVER: &str = "198.51.100.7";
 
@@ -97,7 +98,7 @@ async fn a_vm_never_reaches_a_volant_network_whenever_it_was_made() {
     let (host, up) = host_and_upstream();
     up.sh(&format!("ip addr add {SERVER}/24 dev eth0"));
     host.sh("ip route add 198.51.100.0/24 via 10.99.0.2");
-    let mut cp = ControlPlane::start_with_config(
+    let cp = ControlPlane::start_with_config(
         host,
         up,
         &[],
@@ -106,28 +107,36 @@ async fn a_vm_never_reaches_a_volant_network_whenever_it_was_made() {
     )
     .await;
     upstream(&cp);
-    // The route below belongs to no VM: vmmd's reconcile would remove it.
-    cp.vmmd.kill9();
-    let route = Route {
-        vm: "a".into(),
-        cid: 3,
-        socket: cp.run_dir().join("vsock-3.sock").display().to_string(),
-        ingress_port: 8080,
-        egress: Some(EgressPolicy {
-            allow_outbound: true,
-            allowed_domains: vec!["pub.example.test".into()],
+    let mut manifest: serde_json::Value = serde_json::from_str(&hello_manifest()).unwrap();
+    manifest["name"] = "out".into();
+    manifest["networking"] = serde_json::json!({
+        "mode": "vsock",
+        "proxy": { "allow_outbound": true, "allowed_domains": ["pub.example.test"] }
+    });
+    cp.vmm()
+        .install_plugin(InstallPluginRequest {
+            manifest_json: manifest.to_string(),
+        })
+        .await
+        .unwrap();
+    cp.vmm()
+        .create_vm(CreateVmRequest {
+            name: "a".into(),
+            plugin: "out".into(),
+            memory_mb: 64,
             ..Default::default()
-        }),
-        egress_socket: String::new(),
-        ingress_disabled: false,
-    };
+        })
+        .await
+        .unwrap();
     let egress = ProxyClient::new(cp.proxyd.channel())
-        .register_vm(RegisterVmRequest { route: Some(route) })
+        .list_routes(ListRoutesRequest {})
         .await
         .unwrap()
         .into_inner()
-        .route
-        .unwrap()
+        .routes
+        .into_iter()
+        .find(|r| r.vm == "a")
+        .expect("a's route")
         .egress_socket;
 
     // A public subnet: reachable, and a slow answer is under way.

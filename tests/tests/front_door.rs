@@ -509,7 +509,7 @@ async fn bad_input_gets_a_400_that_names_the_problem_at_every_endpoint() {
             "/networks".into(),
             Some(r#"{"name":"Bad!","subnet":"10.7.0.0/24"}"#.into()),
             400,
-            "pool name",
+            "network name",
         ),
         (
             "POST",

@@ -210,6 +210,61 @@ impl pb::vmm_server::Vmm for VmmService {
         Ok(Response::new(pb::RemovePortForwardResponse {}))
     }
 
+    async fn create_network(
+        &self,
+        req: Request<pb::CreateNetworkRequest>,
+    ) -> Result<Response<pb::CreateNetworkResponse>, Status> {
+        let r = req.into_inner();
+        let bridge = r
+            .bridge
+            .ok_or_else(|| Status::invalid_argument("bridge: the network is missing"))?;
+        let vmm = self.vmm.clone();
+        let (network, created) = to_the_end(async move {
+            vmm.create_network(bridge, (r.range_start, r.range_end))
+                .await
+        })
+        .await?;
+        Ok(Response::new(pb::CreateNetworkResponse {
+            network: Some(network),
+            created,
+        }))
+    }
+
+    async fn update_network(
+        &self,
+        req: Request<pb::UpdateNetworkRequest>,
+    ) -> Result<Response<pb::UpdateNetworkResponse>, Status> {
+        let r = req.into_inner();
+        let vmm = self.vmm.clone();
+        let network = to_the_end(async move { vmm.update_network(&r.name, r.nat).await }).await?;
+        Ok(Response::new(pb::UpdateNetworkResponse {
+            network: Some(network),
+        }))
+    }
+
+    async fn delete_network(
+        &self,
+        req: Request<pb::DeleteNetworkRequest>,
+    ) -> Result<Response<pb::DeleteNetworkResponse>, Status> {
+        let r = req.into_inner();
+        let vmm = self.vmm.clone();
+        to_the_end(async move { vmm.delete_network(&r.name, r.force).await }).await?;
+        Ok(Response::new(pb::DeleteNetworkResponse {}))
+    }
+
+    async fn list_networks(
+        &self,
+        req: Request<pb::ListNetworksRequest>,
+    ) -> Result<Response<pb::ListNetworksResponse>, Status> {
+        let name = req.into_inner().name;
+        let networks = if name.is_empty() {
+            self.vmm.networks().await?
+        } else {
+            vec![self.vmm.network(&name).await?]
+        };
+        Ok(Response::new(pb::ListNetworksResponse { networks }))
+    }
+
     type WatchEventsStream = Streamed<pb::VmEvent>;
 
     async fn watch_events(

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use tonic::{Request, Status};
 use volant_services::Channel;
-use volant_services::api::ipam::v1 as ipam;
+pub use volant_services::api::ipam::v1 as ipam;
 use volant_services::api::ipam::v1::ipam_client::IpamClient;
-use volant_services::api::net::v1 as net;
+pub use volant_services::api::net::v1 as net;
 use volant_services::api::net::v1::net_client::NetClient;
 use volant_services::api::proxy::v1 as proxy;
 use volant_services::api::proxy::v1::proxy_client::ProxyClient;
@@ -83,6 +83,18 @@ pub trait Peers: Send + Sync {
     async fn forwards(&self) -> Result<Vec<Forward>>;
     /// Asks netd to converge the kernel to its desired state.
     async fn reconcile_net(&self) -> Result<Vec<String>>;
+    /// Creates (or confirms) an address pool: it as made, and whether it is new.
+    async fn create_pool(&self, pool: ipam::Pool) -> Result<(ipam::Pool, bool)>;
+    /// Deletes a pool; with `force` also while it has leases.
+    async fn delete_pool(&self, name: &str, force: bool) -> Result<()>;
+    /// Every pool.
+    async fn pools(&self) -> Result<Vec<ipam::Pool>>;
+    /// Creates (or confirms; with `update`, changes) a bridge network: it, and whether it is new.
+    async fn ensure_network(&self, n: net::Network, update: bool) -> Result<(net::Network, bool)>;
+    /// Deletes a bridge network; with `force` also while it has TAPs.
+    async fn delete_network(&self, name: &str, force: bool) -> Result<()>;
+    /// Every bridge network, with its status.
+    async fn networks(&self) -> Result<Vec<net::Network>>;
 }
 
 /// The deadline of one call to a peer.
@@ -343,6 +355,86 @@ impl Peers for Grpc {
                 })
             })
             .collect()
+    }
+
+    async fn create_pool(&self, pool: ipam::Pool) -> Result<(ipam::Pool, bool)> {
+        let r = self
+            .ipam
+            .clone()
+            .create_pool(req(ipam::CreatePoolRequest { pool: Some(pool) }))
+            .await
+            .map_err(named("ipamd"))?
+            .into_inner();
+        let pool = r
+            .pool
+            .ok_or_else(|| Error::internal("ipamd answered without a pool"))?;
+        Ok((pool, r.created))
+    }
+
+    async fn delete_pool(&self, name: &str, force: bool) -> Result<()> {
+        let r = ipam::DeletePoolRequest {
+            name: name.into(),
+            force,
+        };
+        self.ipam
+            .clone()
+            .delete_pool(req(r))
+            .await
+            .map(drop)
+            .map_err(named("ipamd"))
+    }
+
+    async fn pools(&self) -> Result<Vec<ipam::Pool>> {
+        Ok(self
+            .ipam
+            .clone()
+            .list_pools(req(ipam::ListPoolsRequest {}))
+            .await
+            .map_err(named("ipamd"))?
+            .into_inner()
+            .pools)
+    }
+
+    async fn ensure_network(&self, n: net::Network, update: bool) -> Result<(net::Network, bool)> {
+        let r = net::EnsureNetworkRequest {
+            network: Some(n),
+            update,
+        };
+        let r = self
+            .net
+            .clone()
+            .ensure_network(req(r))
+            .await
+            .map_err(named("netd"))?
+            .into_inner();
+        let n = r
+            .network
+            .ok_or_else(|| Error::internal("netd answered without a network"))?;
+        Ok((n, r.created))
+    }
+
+    async fn delete_network(&self, name: &str, force: bool) -> Result<()> {
+        let r = net::DeleteNetworkRequest {
+            name: name.into(),
+            force,
+        };
+        self.net
+            .clone()
+            .delete_network(req(r))
+            .await
+            .map(drop)
+            .map_err(named("netd"))
+    }
+
+    async fn networks(&self) -> Result<Vec<net::Network>> {
+        Ok(self
+            .net
+            .clone()
+            .list_networks(req(net::ListNetworksRequest {}))
+            .await
+            .map_err(named("netd"))?
+            .into_inner()
+            .networks)
     }
 
     async fn reconcile_net(&self) -> Result<Vec<String>> {

@@ -199,28 +199,6 @@ impl Vmm {
         .await
     }
 
-    /// Removes the cgroups of VMs that have no hypervisor (or no record) any more.
-    pub(super) async fn sweep_cgroups(&self) {
-        let running: Vec<String> = self
-            .list()
-            .into_iter()
-            .filter(|r| r.pid.is_some())
-            .map(|r| r.name)
-            .collect();
-        let settings = self.settings.clone();
-        process::blocking(move || {
-            let Some(groups) = &settings.cgroups else {
-                return;
-            };
-            for name in groups.vms() {
-                if !running.contains(&name) {
-                    remove_cgroup(&settings, &name);
-                }
-            }
-        })
-        .await
-    }
-
     /// Waits up to `limit` for the hypervisor of `name` to exit; returns whether it did.
     pub(super) async fn exited(&self, name: &str, limit: Duration) -> bool {
         let rx = lock(&self.exits).get(name).cloned();

@@ -10,6 +10,7 @@ mod create;
 mod forwards;
 mod hypervisor;
 mod lifecycle;
+mod networks;
 mod plugins;
 mod reconcile;
 #[cfg(test)]
@@ -113,6 +114,8 @@ pub struct Vmm {
     events: broadcast::Sender<pb::VmEvent>,
     /// Poked when a teardown left something behind at a peer, so reconciling comes early.
     dirty: tokio::sync::Notify,
+    /// Network changes, one at a time.
+    network_changes: tokio::sync::Mutex<()>,
     /// Turns for the sagas ([`MAX_SAGAS`]).
     sagas: tokio::sync::Semaphore,
     /// This boot of the host ([`process::host_boot`]).
@@ -231,6 +234,7 @@ impl Vmm {
             locks: (0..VM_LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
             dirty: tokio::sync::Notify::new(),
             sagas: tokio::sync::Semaphore::new(MAX_SAGAS),
+            network_changes: tokio::sync::Mutex::new(()),
             exits: Mutex::new(HashMap::new()),
             events,
             host_boot: process::host_boot(&settings_run_dir),

@@ -184,6 +184,23 @@ impl Vmm {
         peers.and(routes)
     }
 
+    /// Removes the cgroups of VMs that have no hypervisor (or no record) any more; one being
+    /// launched (its cgroup made, its hypervisor not yet) holds its lock and is left alone.
+    pub(super) async fn sweep_cgroups(&self) {
+        let settings = self.settings.clone();
+        let names = process::blocking(move || settings.cgroups.as_ref().map(|g| g.vms())).await;
+        for name in names.unwrap_or_default() {
+            if self.get(&name).is_ok_and(|r| r.pid.is_some()) {
+                continue;
+            }
+            let (_vm, rec) = self.current(&name).await;
+            if rec.is_none_or(|r| r.pid.is_none()) {
+                let settings = self.settings.clone();
+                process::blocking(move || hypervisor::remove_cgroup(&settings, &name)).await;
+            }
+        }
+    }
+
     /// Locks VM `name` and reads its record afresh (`None`: it no longer exists). A repair
     /// decided on a snapshot is checked again on it: no operation on that VM runs meanwhile, and
     /// no other VM waits.

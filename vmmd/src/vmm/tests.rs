@@ -9,7 +9,7 @@ use volant_services::api::proxy::v1 as proxy;
 
 use super::*;
 use crate::driver::Launched;
-use crate::peers::Lease;
+use crate::peers::{Lease, ipam, net};
 
 /// Peers that keep what they are given, log every call, and fail the calls they are told to.
 #[derive(Default)]
@@ -20,6 +20,8 @@ struct FakePeers {
     leases: Mutex<Vec<(String, String, String)>>,
     taps: Mutex<Vec<(String, String)>>,
     forwards: Mutex<Vec<Forward>>,
+    pools: Mutex<Vec<ipam::Pool>>,
+    bridges: Mutex<Vec<net::Network>>,
 }
 
 impl FakePeers {
@@ -118,6 +120,39 @@ impl Peers for FakePeers {
     }
     async fn reconcile_net(&self) -> Result<Vec<String>> {
         Ok(Vec::new())
+    }
+    async fn create_pool(&self, mut pool: ipam::Pool) -> Result<(ipam::Pool, bool)> {
+        self.call("create_pool", &pool.name)?;
+        let mut pools = lock(&self.pools);
+        if let Some(p) = pools.iter().find(|p| p.name == pool.name) {
+            return Ok((p.clone(), false));
+        }
+        pool.gateway = "10.9.0.1".into();
+        pools.push(pool.clone());
+        Ok((pool, true))
+    }
+    async fn delete_pool(&self, name: &str, _: bool) -> Result<()> {
+        self.call("delete_pool", name)?;
+        lock(&self.pools).retain(|p| p.name != name);
+        Ok(())
+    }
+    async fn pools(&self) -> Result<Vec<ipam::Pool>> {
+        Ok(lock(&self.pools).clone())
+    }
+    async fn ensure_network(&self, n: net::Network, _: bool) -> Result<(net::Network, bool)> {
+        self.call("ensure_network", &n.name)?;
+        let mut bridges = lock(&self.bridges);
+        bridges.retain(|b| b.name != n.name);
+        bridges.push(n.clone());
+        Ok((n, true))
+    }
+    async fn delete_network(&self, name: &str, _: bool) -> Result<()> {
+        self.call("delete_network", name)?;
+        lock(&self.bridges).retain(|b| b.name != name);
+        Ok(())
+    }
+    async fn networks(&self) -> Result<Vec<net::Network>> {
+        Ok(lock(&self.bridges).clone())
     }
 }
 
@@ -435,4 +470,48 @@ async fn an_illegal_transition_changes_nothing() {
     // Stopping a stopped VM is fine; starting it runs it again.
     assert_eq!(f.vmm.stop("a").await.unwrap().status, VmStatus::Stopped);
     assert_eq!(f.vmm.start("a").await.unwrap().status, VmStatus::Booting);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_network_is_its_pool_then_its_bridge_and_a_failed_bridge_takes_the_pool_back() {
+    let f = fixture().await;
+    let bridge = |name: &str| net::Network {
+        name: name.into(),
+        subnet: "10.9.0.0/24".into(),
+        nat: true,
+        ..Default::default()
+    };
+    f.peers.fail(
+        "ensure_network",
+        Error::invalid("netd: the subnet overlaps"),
+    );
+    let err = f
+        .vmm
+        .create_network(bridge("n1"), Default::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), Kind::Invalid);
+    assert_eq!(
+        f.peers.calls(),
+        ["create_pool n1", "ensure_network n1", "delete_pool n1"]
+    );
+    assert!(f.vmm.networks().await.unwrap().is_empty(), "nothing kept");
+    f.peers.heal();
+    let (n, created) = f
+        .vmm
+        .create_network(bridge("n1"), Default::default())
+        .await
+        .unwrap();
+    assert!(created);
+    assert_eq!(n.bridge.unwrap().gateway, "10.9.0.1", "the pool's gateway");
+    // A VM on it holds it, unless forced.
+    f.vmm.create(request("a", "bridge=n1")).await.unwrap();
+    let err = f.vmm.delete_network("n1", false).await.unwrap_err();
+    assert!(err.message().contains("vm(s) a"), "{err}");
+    assert_eq!(f.vmm.networks().await.unwrap().len(), 1);
+    f.peers.calls();
+    f.vmm.delete_network("n1", true).await.unwrap();
+    assert_eq!(f.peers.calls(), ["delete_network n1", "delete_pool n1"]);
+    let gone = f.vmm.network("n1").await.unwrap_err();
+    assert_eq!(gone.kind(), Kind::NotFound);
 }
