@@ -183,11 +183,24 @@ impl Daemon {
                 .set_service_status(svc, ServingStatus::Serving)
                 .await;
         }
-        fn reflection() -> tonic_reflection::server::Builder<'static> {
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(crate::api::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        }
+        // Reflection lists exactly what this daemon serves: its services, health, reflection.
+        let listed: Vec<&'static str> = names
+            .iter()
+            .copied()
+            .chain([
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1.ServerReflection",
+                "grpc.reflection.v1alpha.ServerReflection",
+            ])
+            .collect();
+        let reflection = || {
+            listed.iter().fold(
+                tonic_reflection::server::Builder::configure()
+                    .register_encoded_file_descriptor_set(crate::api::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+                |b, name| b.with_service_name(*name),
+            )
+        };
         let routes = services
             .routes
             .add_service(health)
@@ -211,9 +224,10 @@ impl Daemon {
             let router = server.add_routes(routes);
             match listener {
                 Listener::Unix(l) => {
-                    router
-                        .serve_with_incoming_shutdown(UnixListenerStream::new(l), stopped)
-                        .await
+                    let incoming = tokio_stream::StreamExt::map(UnixListenerStream::new(l), |c| {
+                        c.map(crate::authority::Authority::new)
+                    });
+                    router.serve_with_incoming_shutdown(incoming, stopped).await
                 }
                 Listener::Tcp(l) => {
                     router

@@ -3,6 +3,7 @@
 
 pub mod addr;
 pub mod api;
+pub mod authority;
 pub mod config;
 pub mod daemon;
 pub mod dial;

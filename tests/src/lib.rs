@@ -121,6 +121,44 @@ pub fn hello_manifest() -> String {
     )
 }
 
+/// A TCP port of loopback that nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// What standard gRPC client `lang` (`python`: grpcio, `node`: @grpc/grpc-js, both with their
+/// default options; `tests/interop/client.*`) says of a daemon, run inside `ns` when given:
+/// `args` are the target, the service, a method and, for mutual TLS, the CA, certificate and
+/// key files. The clients are where `tests/run` installed them (`VOLANT_INTEROP`).
+pub fn grpc_client(ns: Option<&Netns>, lang: &str, args: &[&str]) -> serde_json::Value {
+    let dir = PathBuf::from(std::env::var_os("VOLANT_INTEROP").expect(
+        "VOLANT_INTEROP is not set: run the tests with tests/run, which installs the clients",
+    ));
+    let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("interop");
+    let command = match lang {
+        "python" => format!(
+            "{}/venv/bin/python {}/client.py",
+            dir.display(),
+            scripts.display()
+        ),
+        _ => format!(
+            "NODE_PATH={}/node_modules node {}/client.js",
+            dir.display(),
+            scripts.display()
+        ),
+    };
+    let script = format!("{command} {} 2>&1", args.join(" "));
+    let out = match ns {
+        Some(ns) => ns.sh(&script),
+        None => sh(&script),
+    };
+    let last = out.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("{lang} {args:?}: {e}: {out}"))
+}
+
 /// A field of `/proc/<pid>/status` (`Seccomp`, `NoNewPrivs`, `CapEff`, `Uid`, …), trimmed.
 pub fn proc_status(pid: i64, field: &str) -> String {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))

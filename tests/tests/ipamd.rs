@@ -595,11 +595,7 @@ async fn the_config_file_defines_the_default_pool_and_tcp_listening_works() {
          ip_range: { start: 10.77.0.10, end: 10.77.0.20 }\n",
     )
     .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = volant_tests::free_port();
     let listen = format!("tcp://127.0.0.1:{port}");
     let d = Daemon::start(
         "ipamd",

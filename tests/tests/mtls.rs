@@ -2,7 +2,9 @@
 //! `tls` section; the gateway dials it with its own certificate (its health shows ipamd `ok`);
 //! a plaintext client, a TLS client without a certificate and one whose certificate another CA
 //! signed are all turned away; a server certificate from another CA is refused by the client;
-//! a broken `tls` section stops a daemon at start with a message naming the file.
+//! a broken `tls` section stops a daemon at start with a message naming the file. Python's
+//! `grpcio` and Node's `@grpc/grpc-js` with their defaults are served with the CA's certificate
+//! and turned away with another's.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -11,19 +13,11 @@ use std::time::{Duration, Instant};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use volant_services::api::ipam::v1::ListPoolsRequest;
 use volant_services::api::ipam::v1::ipam_client::IpamClient;
-use volant_tests::{Pki, bin};
+use volant_tests::{Pki, bin, free_port};
 
 /// A CA and a certificate for 127.0.0.1 it signed, as PEM files `<tag>-{ca,cert,key}.pem`.
 fn pki(dir: &Path, tag: &str) -> [String; 3] {
     Pki::new(tag, "127.0.0.1").write(dir, tag)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A daemon started with `config`, killed when dropped.
@@ -137,6 +131,39 @@ async fn services_speak_mutual_tls_over_tcp() {
             .unwrap()
     };
     eventually("a trusted client", async || list_pools(trusted()).await).await;
+
+    // Standard clients with their default options and the same certificate (see interop.rs);
+    // without one they are turned away too.
+    let target = format!("127.0.0.1:{port}");
+    for lang in ["python", "node"] {
+        let args = [
+            &target,
+            "volant.ipam.v1.Ipam",
+            "ListPools",
+            &good[0],
+            &good[1],
+            &good[2],
+        ];
+        let got = volant_tests::grpc_client(None, lang, &args);
+        assert_eq!(got["call"], "OK", "{lang} over mutual TLS: {got}");
+        assert_eq!(
+            got["health volant.ipam.v1.Ipam"], "SERVING",
+            "{lang}: {got}"
+        );
+        let args = [
+            &target,
+            "volant.ipam.v1.Ipam",
+            "ListPools",
+            &good[0],
+            &other[1],
+            &other[2],
+        ];
+        let got = volant_tests::grpc_client(None, lang, &args);
+        assert_ne!(
+            got["call"], "OK",
+            "{lang} with another CA's certificate: {got}"
+        );
+    }
 
     // Everyone else is turned away.
     let plain = Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
