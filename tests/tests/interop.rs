@@ -70,3 +70,29 @@ async fn standard_clients_with_their_defaults_reach_every_daemon() {
     }
     drop(ipamd);
 }
+
+/// The README's Python example, as printed, against the daemons of a control plane (its socket
+/// directory put for `/run/volant`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_python_example_runs_as_printed() {
+    let cp = ControlPlane::start().await;
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let section = &readme[readme.find("## Any gRPC client").expect("the section")..];
+    let start = section.find("```python\n").expect("a python block") + "```python\n".len();
+    let example = &section[start..start + section[start..].find("```").unwrap()];
+    let example = example.replace("/run/volant", &cp.run_dir().display().to_string());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("example.py");
+    std::fs::write(&file, example).unwrap();
+    let python = std::path::Path::new(&std::env::var_os("VOLANT_INTEROP").expect("tests/run"))
+        .join("venv/bin/python");
+    let out = cp
+        .host
+        .sh(&format!("{} {} 2>&1", python.display(), file.display()));
+    assert_eq!(
+        out.trim(),
+        "ipamd SERVING\nnetd SERVING\nvmmd SERVING\nproxyd SERVING",
+        "{out}"
+    );
+}
