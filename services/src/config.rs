@@ -14,6 +14,10 @@ use crate::addr::Addr;
 /// Where the configuration lives unless `--config` says otherwise.
 pub const DEFAULT_PATH: &str = "/etc/volant/volant.yaml";
 
+/// The name Volant's networking guide gives the file, beside [`DEFAULT_PATH`]: read when it is
+/// the only one of the two.
+pub const GUIDE_NAME: &str = "volantd.yaml";
+
 /// The whole file. Every part has a default, so a missing file is a valid configuration.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default)]
@@ -38,6 +42,9 @@ pub struct Config {
     /// can serve several versions.
     #[serde(flatten)]
     pub unknown: BTreeMap<String, serde_norway::Value>,
+    /// The file read, if any.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// `tls`: every service listening on TCP presents `cert` and accepts only clients whose
@@ -247,16 +254,41 @@ pub struct Resolver {
 impl Config {
     /// Reads the configuration. With no explicit path a missing default file means defaults; an
     /// explicit path that does not exist is an error, since it is most likely a typo.
+    /// Without an explicit path, the networking guide's `volantd.yaml` beside the default file
+    /// is read when it is the only one; with both, a daemon refuses to start rather than ignore
+    /// one.
     pub fn load(explicit: Option<&Path>) -> anyhow::Result<Config> {
-        let path = explicit.unwrap_or(Path::new(DEFAULT_PATH));
-        let text = match std::fs::read_to_string(path) {
+        Config::load_from(explicit, Path::new(DEFAULT_PATH))
+    }
+
+    fn load_from(explicit: Option<&Path>, default: &Path) -> anyhow::Result<Config> {
+        let guide = default.with_file_name(GUIDE_NAME);
+        let path = match explicit {
+            Some(path) => path.to_path_buf(),
+            None => match (default.exists(), guide.exists()) {
+                (true, true) => anyhow::bail!(
+                    "both {} and {} exist, and Volant reads one: move the settings of {} (the \
+                     networking guide's name for the file) into {} and remove it",
+                    default.display(),
+                    guide.display(),
+                    guide.display(),
+                    default.display()
+                ),
+                (false, true) => guide,
+                _ => default.to_path_buf(),
+            },
+        };
+        let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && explicit.is_none() => {
                 return Ok(Config::default());
             }
             Err(e) => return Err(e).with_context(|| format!("reading config {}", path.display())),
         };
-        Config::parse(&text).with_context(|| format!("config {}", path.display()))
+        let mut config =
+            Config::parse(&text).with_context(|| format!("config {}", path.display()))?;
+        config.source = Some(path);
+        Ok(config)
     }
 
     /// Parses the text of a configuration file.
@@ -295,6 +327,26 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_guides_file_is_read_alone_and_refused_beside_the_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let default = dir.path().join("volant.yaml");
+        let guide = dir.path().join(GUIDE_NAME);
+        assert!(Config::load_from(None, &default).unwrap().source.is_none());
+        std::fs::write(&guide, "networking:\n  bridge:\n    subnet: 10.1.0.0/24\n").unwrap();
+        let c = Config::load_from(None, &default).unwrap();
+        assert_eq!(c.source.as_deref(), Some(guide.as_path()));
+        assert_eq!(c.networking.bridge.subnet.to_string(), "10.1.0.0/24");
+        std::fs::write(&default, "").unwrap();
+        let e = format!("{:#}", Config::load_from(None, &default).unwrap_err());
+        assert!(
+            e.contains("volantd.yaml") && e.contains("volant.yaml"),
+            "{e}"
+        );
+        let explicit = Config::load_from(Some(&default), &default).unwrap();
+        assert_eq!(explicit.source.as_deref(), Some(default.as_path()));
+    }
 
     #[test]
     fn accepts_the_seed_block_as_is() {

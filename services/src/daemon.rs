@@ -69,6 +69,10 @@ impl Daemon {
     pub fn start(name: &'static str, args: DaemonArgs) -> anyhow::Result<Daemon> {
         let config = Config::load(args.config.as_deref())?;
         let telemetry = Telemetry::init(name)?;
+        match &config.source {
+            Some(path) => tracing::info!("config: {}", path.display()),
+            None => tracing::info!("config: none found, defaults throughout"),
+        }
         for key in config.unknown.keys() {
             tracing::warn!("config: ignoring section {key:?}, which this build does not know");
         }

@@ -47,6 +47,9 @@ async fn lab() -> Lab {
     // An operator's own rules, which netd must never touch.
     host.sh("iptables -A FORWARD -s 10.98.0.0/16 -j ACCEPT && \
          iptables -t nat -A POSTROUTING -s 10.98.0.0/16 -o up0 -j MASQUERADE");
+    // A new namespace inherits the host's forwarding (Docker's hosts have it on): the lab sets
+    // its own, so that what netd restores is known.
+    host.sh("sysctl -qw net.ipv4.ip_forward=0");
     let pristine = (firewall_save(&host), links(&host));
     let netd = Daemon::start_in(Some(&host), "netd", root.path(), &[]).await;
     let client = NetClient::new(netd.channel());
@@ -717,7 +720,7 @@ async fn deleting_networks_leaves_nothing_behind() {
     assert_eq!(
         lab.host.sh("cat /proc/sys/net/ipv4/ip_forward").trim(),
         "0",
-        "restored"
+        "restored to the lab's value"
     );
     let again = lab
         .client

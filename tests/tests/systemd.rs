@@ -261,6 +261,32 @@ fn volant_runs_under_systemd_and_comes_back_after_a_reboot() {
         );
         both_answer(&m, &format!("after restarting {unit}"));
     }
+    // The guide's `systemctl restart volantd` restarts every service.
+    let pids = || {
+        m.run("systemctl show -p MainPID --value volant-ipamd volant-netd volant-proxyd volant-vmmd volant-gateway").1
+    };
+    let before = pids();
+    let (ok, out) = m.run("systemctl restart volantd");
+    assert!(
+        ok && m.all_active(),
+        "restarting volantd: {out}\n{}",
+        m.journal()
+    );
+    let after = pids();
+    let nonblank = |t: &str| -> Vec<String> {
+        t.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(nonblank(&before).len(), UNITS.len(), "{before}");
+    for (b, a) in nonblank(&before).iter().zip(nonblank(&after)) {
+        assert_ne!(
+            *b, a,
+            "a service kept its process across `restart volantd`: {before} / {after}"
+        );
+    }
+    both_answer(&m, "after restarting volantd");
     for unit in UNITS {
         let (ok, out) = m.run(&format!(
             "systemctl kill --kill-who=main --signal=SIGKILL volant-{unit}"

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use crate::client::Failure;
 
-const UNITS: [(&str, &str); 6] = [
+const UNITS: [(&str, &str); 7] = [
     (
         "volant.target",
         include_str!("../../deploy/systemd/volant.target"),
@@ -31,6 +31,10 @@ const UNITS: [(&str, &str); 6] = [
     (
         "volant-gateway.service",
         include_str!("../../deploy/systemd/volant-gateway.service"),
+    ),
+    (
+        "volantd.service",
+        include_str!("../../deploy/systemd/volantd.service"),
     ),
 ];
 const DAEMONS: [&str; 5] = ["ipamd", "netd", "proxyd", "vmmd", "gateway"];
