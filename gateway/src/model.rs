@@ -67,6 +67,10 @@ pub struct Vm {
     pub updated_at: Option<Time>,
     /// Why it failed, or what went wrong last.
     pub error: Option<String>,
+    /// In a create's answer only: what else the create did (a bridge made by hand adopted as
+    /// the VM's network).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// The status as operators spell it.
@@ -104,6 +108,7 @@ impl From<vmm::Vm> for Vm {
             created_at: time(v.created_at),
             updated_at: time(v.updated_at),
             error: some(v.error),
+            notes: Vec::new(),
         }
     }
 }
@@ -230,7 +235,8 @@ pub struct CreateNetwork {
     pub subnet: String,
     /// The bridge's address [default: the first address of the subnet].
     pub gateway: Option<String>,
-    /// The leasable addresses [default: every address after the gateway].
+    /// The leasable addresses [default: .100–.254 in a /24 whose gateway lies below .100, as
+    /// for the default network; else every address after the gateway].
     pub ip_range: Option<IpRange>,
     /// Masquerade outgoing traffic [default: true].
     pub nat: Option<bool>,

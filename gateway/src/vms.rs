@@ -84,8 +84,10 @@ pub async fn create(
     let mut call = req(r, LIFECYCLE);
     let name = call.get_ref().name.clone();
     volant_services::telemetry::about_vm(&mut call, &name);
-    let vm = p.vmm.clone().create_vm(call).await.by("vmmd")?;
-    Ok((StatusCode::CREATED, vm_of(vm.into_inner().vm)?))
+    let made = p.vmm.clone().create_vm(call).await.by("vmmd")?.into_inner();
+    let Json(mut vm) = vm_of(made.vm)?;
+    vm.notes = made.notes;
+    Ok((StatusCode::CREATED, Json(vm)))
 }
 
 /// One VM.

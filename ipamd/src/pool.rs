@@ -81,7 +81,16 @@ impl Pool {
         } else {
             host_in("gateway", ip("gateway", spec.gateway)?, &subnet)?
         };
+        // The guide's convention, as for the default network: in a /24 whose gateway lies
+        // below it, .100–.254.
+        let guide = |last: u8| match network {
+            IpAddr::V4(n) => IpAddr::from([n.octets()[0], n.octets()[1], n.octets()[2], last]),
+            IpAddr::V6(_) => network,
+        };
         let (range_start, range_end) = match (spec.range_start.trim(), spec.range_end.trim()) {
+            ("", "") if subnet.prefix_len() == 24 && gateway < guide(100) => {
+                (guide(100), guide(254))
+            }
             ("", "") if gateway == first_host => {
                 (next(gateway).expect("below broadcast"), last_host)
             }
@@ -177,6 +186,15 @@ mod tests {
         let p = Pool::validate(spec("10.2.0.0/24", "10.2.0.254", "", "")).unwrap();
         assert_eq!(p.range_start.to_string(), "10.2.0.1");
         assert_eq!(p.range_end.to_string(), "10.2.0.253");
+        // A /24 with its gateway below .100: the guide's .100–.254.
+        for gateway in ["", "10.3.0.1", "10.3.0.99"] {
+            let p = Pool::validate(spec("10.3.0.0/24", gateway, "", "")).unwrap();
+            assert_eq!(
+                (p.range_start.to_string(), p.range_end.to_string()),
+                ("10.3.0.100".into(), "10.3.0.254".into()),
+                "{gateway}"
+            );
+        }
     }
 
     #[test]
@@ -223,7 +241,7 @@ mod tests {
                 "inside the range",
             ),
             (spec("10.0.0.0/24", "10.0.0.1", "10.0.0.10", ""), "both"),
-            (spec("10.0.0.0/24", "10.0.0.9", "", ""), "give the range"),
+            (spec("10.0.0.0/24", "10.0.0.150", "", ""), "give the range"),
             (
                 spec("10.0.0.0/24", "10.0.0.1", "x", "10.0.0.9"),
                 "range_start \"x\"",

@@ -286,6 +286,33 @@ impl Netd {
         }
     }
 
+    /// A bridge of the host that netd does not manage: its first IPv4 address and prefix.
+    pub async fn inspect_bridge(&self, name: &str) -> Result<(IpAddr, u8)> {
+        interface_name("bridge name", name).map_err(Error::Invalid)?;
+        if self.lock().await.networks.contains_key(name) {
+            return Err(Error::Conflict(format!("{name} is netd's network already")));
+        }
+        let link = self
+            .kernel
+            .link(name)
+            .await
+            .map_err(failed)?
+            .filter(|l| l.kind == "bridge")
+            .ok_or_else(|| Error::NotFound(format!("the host has no bridge named {name}")))?;
+        self.kernel
+            .addresses(link.index)
+            .await
+            .map_err(failed)?
+            .into_iter()
+            .find(|(ip, _)| ip.is_ipv4())
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "the bridge {name} has no IPv4 address; give it one (ip addr add \
+                     ADDRESS/24 dev {name}) to make it a network"
+                ))
+            })
+    }
+
     /// The network with its live status.
     pub async fn get_network(&self, name: &str) -> Result<(Network, Status)> {
         interface_name("network name", name).map_err(Error::Invalid)?;

@@ -117,6 +117,17 @@ impl pb::net_server::Net for NetService {
         }))
     }
 
+    async fn inspect_bridge(
+        &self,
+        req: Request<pb::InspectBridgeRequest>,
+    ) -> Result<Response<pb::InspectBridgeResponse>, Status> {
+        let (ip, prefix) = self.netd.inspect_bridge(&req.into_inner().name).await?;
+        Ok(Response::new(pb::InspectBridgeResponse {
+            address: ip.to_string(),
+            prefix_len: prefix.into(),
+        }))
+    }
+
     async fn get_network(
         &self,
         req: Request<pb::GetNetworkRequest>,

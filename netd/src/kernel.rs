@@ -170,6 +170,11 @@ impl Kernel {
         self.links.get(name).await
     }
 
+    /// The addresses of interface `index`, with their prefix lengths.
+    pub async fn addresses(&self, index: u32) -> Result<Vec<(IpAddr, u8)>, String> {
+        self.links.addresses(index).await
+    }
+
     /// The host's IPv4 routes: destination and outgoing interface name.
     pub async fn routes(&self) -> Result<Vec<(ipnet::IpNet, String)>, String> {
         let names: HashMap<u32, String> = self

@@ -116,6 +116,61 @@ fn manifest_file(fd: &FrontDoor) -> String {
     path.display().to_string()
 }
 
+/// The networking guide's "multiple networks" recipe, line by line: a bridge made by hand, then
+/// a VM on it. The bridge is adopted on first use (its pool from its own address, .100–.254,
+/// NAT as for any network), and the answer says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guides_hand_made_bridge_is_adopted_on_first_use() {
+    let fd = front_door().await;
+    let r = fd.volar(&["setup"]);
+    assert!(r.ok, "{}", r.err);
+    let r = fd.volar(&["plugins", "install", "--manifest", &manifest_file(&fd)]);
+    assert!(r.ok, "{}", r.err);
+    fd.cp.host.sh(
+        "ip link add volant1 type bridge; ip addr add 192.168.128.1/24 dev volant1; \
+         ip link set volant1 up",
+    );
+    let r = fd.volar(&[
+        "vms",
+        "create",
+        "vm1",
+        "--plugin",
+        "hello",
+        "--network",
+        "bridge=volant1",
+    ]);
+    assert!(r.ok, "{}{}", r.out, r.err);
+    assert!(
+        r.err
+            .contains("adopted the bridge volant1 (192.168.128.1/24)"),
+        "{}",
+        r.err
+    );
+    assert!(r.out.contains("192.168.128.100"), "{}", r.out);
+    let (_, page) = fd.cp.host.http_get("192.168.128.100:80", "/").unwrap();
+    assert!(page.contains("Hello from Volant"), "{page}");
+    let rules = volant_tests::firewall_save(&fd.cp.host);
+    assert!(
+        rules.contains("-s 192.168.128.0/24 ! -o volant1 -j MASQUERADE"),
+        "{rules}"
+    );
+    let r = fd.volar(&["-o", "json", "networks", "list"]);
+    let nets: Value = serde_json::from_str(&r.out).unwrap();
+    let adopted = nets
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "volant1")
+        .unwrap_or_else(|| panic!("{}", r.out));
+    assert_eq!(adopted["ip_range"]["start"], "192.168.128.100", "{adopted}");
+    assert_eq!(adopted["ip_range"]["end"], "192.168.128.254", "{adopted}");
+    // A network created without a range follows the same convention.
+    let r = fd.volar(&["networks", "create", "n2", "--subnet", "10.55.0.0/24"]);
+    assert!(r.ok, "{}", r.err);
+    let (_, n2) = fd.curl("GET", "/networks/n2", None, false);
+    assert!(n2.contains(r#""start":"10.55.0.100""#), "{n2}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_through_volar_and_curl() {
     let fd = front_door().await;

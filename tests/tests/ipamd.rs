@@ -195,7 +195,7 @@ async fn release_vm_and_release_are_idempotent_across_pools() {
     allocate(&mut c, "volant0", "web").await.unwrap();
     assert_eq!(
         allocate(&mut c, "volant1", "web").await.unwrap(),
-        "192.168.128.2"
+        "192.168.128.100"
     );
     for expected in [2, 0] {
         let released = c

@@ -98,7 +98,7 @@ impl pb::vmm_server::Vmm for VmmService {
         let r = req.into_inner();
         let span = tracing::info_span!("vm.create", vm = %r.name, plugin = %r.plugin);
         let vmm = self.vmm.clone();
-        let vm = to_the_end(
+        let (vm, notes) = to_the_end(
             async move {
                 vmm.create(CreateRequest {
                     name: r.name,
@@ -116,6 +116,7 @@ impl pb::vmm_server::Vmm for VmmService {
         .await?;
         Ok(Response::new(pb::CreateVmResponse {
             vm: Some(vm_pb(&vm)),
+            notes,
         }))
     }
 

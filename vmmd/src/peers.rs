@@ -95,6 +95,8 @@ pub trait Peers: Send + Sync {
     async fn delete_network(&self, name: &str, force: bool) -> Result<()>;
     /// Every bridge network, with its status.
     async fn networks(&self) -> Result<Vec<net::Network>>;
+    /// The IPv4 address and prefix of a bridge of the host that netd does not manage.
+    async fn inspect_bridge(&self, name: &str) -> Result<(IpAddr, u8)>;
 }
 
 /// The deadline of one call to a peer.
@@ -435,6 +437,20 @@ impl Peers for Grpc {
             .map_err(named("netd"))?
             .into_inner()
             .networks)
+    }
+
+    async fn inspect_bridge(&self, name: &str) -> Result<(IpAddr, u8)> {
+        let r = self
+            .net
+            .clone()
+            .inspect_bridge(req(net::InspectBridgeRequest { name: name.into() }))
+            .await
+            .map_err(named("netd"))?
+            .into_inner();
+        Ok((
+            r.address.parse().map_err(|_| bad("netd", "address"))?,
+            u8::try_from(r.prefix_len).map_err(|_| bad("netd", "prefix"))?,
+        ))
     }
 
     async fn reconcile_net(&self) -> Result<Vec<String>> {

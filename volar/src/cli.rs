@@ -223,7 +223,8 @@ pub enum Networks {
         /// Its address [default: the first address of the subnet].
         #[arg(long)]
         gateway: Option<String>,
-        /// The leasable range, START-END [default: every address after the gateway].
+        /// The leasable range, START-END [default: .100-.254 in a /24 whose gateway lies below
+        /// .100, as for the default network; else every address after the gateway].
         #[arg(long)]
         range: Option<String>,
         /// Do not masquerade outgoing traffic.

@@ -344,6 +344,9 @@ async fn vms(api: &Api, out: Output, cmd: Vms) -> Result<(), Failure> {
                 eprint!("\r\x1b[2K");
             }
             let mut v = created?;
+            for note in v["notes"].as_array().into_iter().flatten() {
+                eprintln!("{name}: {}", note.as_str().unwrap_or_default());
+            }
             if !wait.no_wait {
                 wait_ready(api, &name, Duration::from_secs(wait.timeout)).await?;
                 v = api.call(Method::GET, &format!("/vms/{name}"), None).await?;

@@ -3,8 +3,9 @@
 use super::*;
 
 impl Vmm {
-    /// Creates a VM and starts it; see the module documentation.
-    pub async fn create(self: &Arc<Self>, req: CreateRequest) -> Result<VmRecord> {
+    /// Creates a VM and starts it; see the module documentation. Returns it and what else was
+    /// done for it (a bridge made by hand adopted as its network).
+    pub async fn create(self: &Arc<Self>, req: CreateRequest) -> Result<(VmRecord, Vec<String>)> {
         let started = Instant::now();
         dns_label("vm name", &req.name).map_err(invalid)?;
         let plugin = self.plugin(&req.plugin)?;
@@ -67,6 +68,10 @@ impl Vmm {
             None => self.auto_hypervisor(&m).await,
         };
         self.driver(hypervisor)?;
+        let mut notes = Vec::new();
+        if mode == Mode::Bridge && network != self.settings.default_network {
+            notes.extend(self.adopt_bridge(&network).await?);
+        }
 
         let _turn = self.turn().await?;
         let _vm = self.vm_lock(&req.name).lock().await;
@@ -144,7 +149,7 @@ impl Vmm {
                     elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
                     "vm created"
                 );
-                Ok(rec)
+                Ok((rec, notes))
             }
             Err(e) => {
                 let why = e.message().to_string();

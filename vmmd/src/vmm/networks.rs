@@ -119,6 +119,44 @@ impl Vmm {
     }
 }
 
+impl Vmm {
+    /// Network `name` when it has no pool yet but the host has a bridge of that name with an
+    /// address (made by hand, as the networking guide does): adopted as a network, its pool from
+    /// the bridge's address (.100–.254 of a /24), forwarding and NAT as for any network. Returns
+    /// what was done, for the caller's answer.
+    pub(super) async fn adopt_bridge(&self, name: &str) -> Result<Option<String>> {
+        if self.peers.pools().await?.iter().any(|p| p.name == name) {
+            return Ok(None);
+        }
+        let (ip, prefix) = match self.peers.inspect_bridge(name).await {
+            Ok(found) => found,
+            Err(e) if e.kind() == Kind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let subnet = ipnet::IpNet::new(ip, prefix)
+            .map_err(|e| Error::internal(format!("the bridge {name}'s address: {e}")))?
+            .trunc();
+        let bridge = net::Network {
+            name: name.to_string(),
+            subnet: subnet.to_string(),
+            gateway: ip.to_string(),
+            nat: true,
+            status: None,
+        };
+        let (made, _) = self.create_network(bridge, Default::default()).await?;
+        let range = made
+            .pool
+            .map(|p| format!("{}–{}", p.range_start, p.range_end))
+            .unwrap_or_default();
+        let note = format!(
+            "adopted the bridge {name} ({ip}/{prefix}) as network {name}: addresses {range} \
+             are leased, with forwarding and NAT as for any network"
+        );
+        tracing::info!(network = %name, "{note}");
+        Ok(Some(note))
+    }
+}
+
 /// A network's name, from whichever half it has.
 pub fn network_name(n: &pb::Network) -> &str {
     n.bridge

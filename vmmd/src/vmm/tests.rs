@@ -22,6 +22,8 @@ struct FakePeers {
     forwards: Mutex<Vec<Forward>>,
     pools: Mutex<Vec<ipam::Pool>>,
     bridges: Mutex<Vec<net::Network>>,
+    /// Bridges of the host made by hand: name, address, prefix.
+    hand_made: Mutex<Vec<(String, IpAddr, u8)>>,
 }
 
 impl FakePeers {
@@ -127,7 +129,9 @@ impl Peers for FakePeers {
         if let Some(p) = pools.iter().find(|p| p.name == pool.name) {
             return Ok((p.clone(), false));
         }
-        pool.gateway = "10.9.0.1".into();
+        if pool.gateway.is_empty() {
+            pool.gateway = "10.9.0.1".into();
+        }
         pools.push(pool.clone());
         Ok((pool, true))
     }
@@ -153,6 +157,14 @@ impl Peers for FakePeers {
     }
     async fn networks(&self) -> Result<Vec<net::Network>> {
         Ok(lock(&self.bridges).clone())
+    }
+    async fn inspect_bridge(&self, name: &str) -> Result<(IpAddr, u8)> {
+        self.call("inspect_bridge", name)?;
+        lock(&self.hand_made)
+            .iter()
+            .find(|b| b.0 == name)
+            .map(|b| (b.1, b.2))
+            .ok_or_else(|| Error::not_found(format!("netd: the host has no bridge named {name}")))
     }
 }
 
@@ -283,7 +295,7 @@ fn request(name: &str, network: &str) -> CreateRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_create_takes_its_steps_in_order_and_a_delete_undoes_them_in_reverse() {
     let f = fixture().await;
-    let rec = f.vmm.create(request("a", "")).await.unwrap();
+    let rec = f.vmm.create(request("a", "")).await.unwrap().0;
     assert_eq!(rec.status, VmStatus::Booting);
     assert_eq!(rec.ip, Some([192, 168, 127, 100].into()));
     assert_eq!(f.peers.calls(), ["allocate a", "create_tap a"]);
@@ -514,4 +526,49 @@ async fn a_network_is_its_pool_then_its_bridge_and_a_failed_bridge_takes_the_poo
     assert_eq!(f.peers.calls(), ["delete_network n1", "delete_pool n1"]);
     let gone = f.vmm.network("n1").await.unwrap_err();
     assert_eq!(gone.kind(), Kind::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridge_made_by_hand_is_adopted_on_first_use_and_said_so() {
+    let f = fixture().await;
+    // No bridge by that name: refused, nothing kept, nothing made.
+    f.peers.fail(
+        "allocate",
+        Error::not_found("ipamd: pool \"volant1\" does not exist"),
+    );
+    let err = f
+        .vmm
+        .create(request("a", "bridge=volant1"))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("has no address pool"), "{err}");
+    assert!(f.vmm.get("a").is_err() && f.vmm.networks().await.unwrap().is_empty());
+    f.peers.heal();
+    f.peers.calls();
+    // The guide's recipe: ip link add volant1 type bridge; ip addr add 192.168.128.1/24 …
+    lock(&f.peers.hand_made).push(("volant1".into(), [192, 168, 128, 1].into(), 24));
+    let (_, notes) = f.vmm.create(request("a", "bridge=volant1")).await.unwrap();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(
+        notes[0].starts_with("adopted the bridge volant1 (192.168.128.1/24)"),
+        "{notes:?}"
+    );
+    assert_eq!(
+        f.peers.calls(),
+        [
+            "inspect_bridge volant1",
+            "create_pool volant1",
+            "ensure_network volant1",
+            "allocate a",
+            "create_tap a"
+        ]
+    );
+    let bridge = lock(&f.peers.bridges)[0].clone();
+    assert_eq!(
+        (bridge.subnet.as_str(), bridge.gateway.as_str(), bridge.nat),
+        ("192.168.128.0/24", "192.168.128.1", true)
+    );
+    // Adopted once: the next VM finds its network.
+    let (_, notes) = f.vmm.create(request("b", "bridge=volant1")).await.unwrap();
+    assert!(notes.is_empty());
 }
