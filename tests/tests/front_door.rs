@@ -116,6 +116,76 @@ fn manifest_file(fd: &FrontDoor) -> String {
     path.display().to_string()
 }
 
+/// The networking guide's troubleshooting section, each command as printed (the test's socket
+/// directory put for `/var/run/volant`; what a person types after `socat`'s connection, typed
+/// a moment later), against a vsock VM: its socket is listed, `socat` with
+/// `CONNECT 8080` reaches kestrel's ingress and through it the workload, `volar debug ipam`
+/// shows the leases, `volar vms logs --follow` follows the console, and a forced delete leaves
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guides_troubleshooting_commands_work_as_printed() {
+    let fd = front_door().await;
+    for args in [
+        vec!["setup"],
+        vec!["plugins", "install", "--manifest", &manifest_file(&fd)],
+        vec![
+            "vms",
+            "create",
+            "sec",
+            "--plugin",
+            "hello",
+            "--network",
+            "vsock",
+        ],
+        vec!["vms", "create", "web", "--plugin", "hello", "--no-wait"],
+    ] {
+        let r = fd.volar(&args);
+        assert!(r.ok, "volar {args:?}: {}{}", r.out, r.err);
+    }
+    let run = fd.cp.run_dir().display().to_string();
+    let guide = |command: &str| command.replace("/var/run/volant", &run);
+
+    let listed = fd.cp.host.sh(&guide("ls -la /var/run/volant/vsock-*.sock"));
+    assert!(listed.contains("vsock-3.sock"), "{listed}");
+    let (_, answer) = fd.cp.host.try_sh(&guide(
+        "(printf 'CONNECT 8080\n'; sleep 1; printf 'GET / HTTP/1.0\r\n\r\n'; sleep 3) | \
+         timeout 10 socat - UNIX-CONNECT:/var/run/volant/vsock-3.sock",
+    ));
+    assert!(answer.starts_with("OK "), "{answer}");
+    assert!(answer.contains("Hello from Volant"), "{answer}");
+
+    let r = fd.volar(&["debug", "ipam"]);
+    assert!(
+        r.ok && r.out.contains("192.168.127.100") && r.out.contains("web"),
+        "{}{}",
+        r.out,
+        r.err
+    );
+    let followed = fd.cp.host.sh(&format!(
+        "timeout 3 {} --api http://{} vms logs sec --follow || true",
+        volant_tests::bin("volar").display(),
+        fd.proxy.addr
+    ));
+    assert!(followed.contains("kestrel: ready"), "{followed}");
+
+    for vm in ["sec", "web"] {
+        let r = fd.volar(&["vms", "delete", vm, "--force"]);
+        assert!(r.ok, "{}", r.err);
+    }
+    let r = fd.volar(&["vms", "list"]);
+    assert!(
+        !r.out.contains("sec") && !r.out.contains("web"),
+        "{}",
+        r.out
+    );
+    let left = fd
+        .cp
+        .host
+        .try_sh(&guide("ls /var/run/volant/vsock-*.sock"))
+        .1;
+    assert!(!left.contains("vsock-3.sock"), "{left}");
+}
+
 /// The networking guide's "multiple networks" recipe, line by line: a bridge made by hand, then
 /// a VM on it. The bridge is adopted on first use (its pool from its own address, .100–.254,
 /// NAT as for any network), and the answer says so.
