@@ -1,5 +1,6 @@
 //! gateway: Volant's public REST API, a thin translator to vmmd, ipamd and netd.
 
+mod bridges;
 mod doors;
 mod error;
 mod ingress;
@@ -94,6 +95,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .map_or((files / 2).min(8192), u64::from)
             .max(1) as usize,
     };
+    // The VMs see the health on their network's gateway address, at the API's port.
+    let port = match &daemon.listen {
+        Addr::Tcp(host_port) => host_port
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .unwrap_or(8080),
+        Addr::Unix(_) => 8080,
+    };
+    tokio::spawn(bridges::follow(peers.clone(), port, limits));
     let app = router::router(peers, Arc::new(doors));
     daemon
         .run(move |listener, stop| async move {

@@ -37,11 +37,8 @@ fn lease_key(pool: &str, ip: std::net::IpAddr) -> Vec<u8> {
 impl SledStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
-        let db = sled::Config::new()
-            .path(dir.join("ipam.sled"))
-            .cache_capacity(16 << 20)
-            .open()
-            .map_err(|e| StoreError(format!("opening {}: {e}", dir.join("ipam.sled").display())))?;
+        let db = volant_services::store::open_sled(&dir.join("ipam.sled"), 16 << 20)
+            .map_err(StoreError)?;
         Ok(SledStore { db })
     }
 }

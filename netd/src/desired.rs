@@ -206,12 +206,7 @@ const FORWARDING_KEY: &str = "sysctl/ip_forward_before";
 impl Store {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Store, String> {
-        let path = dir.join("net.sled");
-        let db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(8 << 20)
-            .open()
-            .map_err(|e| format!("opening {}: {e}", path.display()))?;
+        let db = volant_services::store::open_sled(&dir.join("net.sled"), 8 << 20)?;
         Ok(Store { db })
     }
 

@@ -202,10 +202,8 @@ impl Routes {
         egress: Arc<Egress>,
     ) -> anyhow::Result<Routes> {
         // A few routes: a small cache keeps the daemon small.
-        let db = sled::Config::new()
-            .path(state_dir.join("routes.sled"))
-            .cache_capacity(4 << 20)
-            .open()?;
+        let db = volant_services::store::open_sled(&state_dir.join("routes.sled"), 4 << 20)
+            .map_err(anyhow::Error::msg)?;
         let tree = db.open_tree("routes")?;
         let routes = Routes {
             tree,

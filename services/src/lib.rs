@@ -10,6 +10,7 @@ pub mod dial;
 pub mod durability;
 pub mod hop;
 pub mod mtls;
+pub mod store;
 pub mod telemetry;
 pub mod timeouts;
 pub mod validate;

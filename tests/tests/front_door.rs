@@ -305,6 +305,37 @@ async fn a_vm_through_volar_and_curl() {
     // curl the VM itself, and read its console.
     let (_, page) = fd.cp.host.http_get("192.168.127.100:80", "/").unwrap();
     assert!(page.contains("Hello from Volant"), "{page}");
+    // From inside the VM, the guide's example of VM-to-host traffic: the health on the bridge's
+    // gateway address, and nothing else there.
+    let fetch = |url: &str| {
+        fd.cp
+            .host
+            .http_get("192.168.127.100:80", &format!("/cgi-bin/fetch?{url}"))
+            .unwrap()
+            .1
+    };
+    let mut health = String::new();
+    for _ in 0..50 {
+        health = fetch("http://192.168.127.1:8080/api/v1/health");
+        if health.contains(r#""status":"ok""#) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(health.contains(r#""status":"ok""#), "{health}");
+    for path in [
+        "/api/v1/vms",
+        "/api/v1/plugins",
+        "/api/v1/openapi.json",
+        "/api/v1/vms/web/proxy/",
+    ] {
+        let refused = fetch(&format!("http://192.168.127.1:8080{path}"));
+        assert!(
+            !refused.contains("hello") && !refused.contains("Hello"),
+            "{path}: {refused}"
+        );
+        assert!(refused.contains("fetch failed"), "{path}: {refused}");
+    }
     // The same page through the gateway's proxy route (bridge mode: the VM's address).
     let (code, page) = fd.curl("GET", "/vms/web/proxy/", None, false);
     assert_eq!(code, 200, "{page}");

@@ -231,30 +231,12 @@ fn json<T: Serialize>(value: &T) -> Vec<u8> {
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir`.
-    /// A hypervisor that a killed vmmd was starting holds a copy of the store's lock from fork
-    /// until it executes (joining its cgroups takes a while), so a busy lock is waited for up
-    /// to 10 s.
+    /// Opens (or creates) the store in `dir` (a hypervisor that a killed vmmd was starting
+    /// holds a copy of the store's lock from fork until it executes: see
+    /// [`volant_services::store::open_sled`]).
     pub fn open(dir: &Path) -> Result<Store, String> {
-        let path = dir.join("vmm.sled");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            match sled::Config::new()
-                .path(&path)
-                .cache_capacity(8 << 20)
-                .open()
-            {
-                Ok(db) => return Ok(Store { db }),
-                // sled says so only in words.
-                Err(sled::Error::Io(e))
-                    if e.to_string().contains("could not acquire lock")
-                        && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(50));
-                }
-                Err(e) => return Err(format!("opening {}: {e}", path.display())),
-            }
-        }
+        let db = volant_services::store::open_sled(&dir.join("vmm.sled"), 8 << 20)?;
+        Ok(Store { db })
     }
 
     fn scan<T: for<'de> Deserialize<'de>>(&self, prefix: &str) -> Result<Vec<T>, String> {
