@@ -131,7 +131,7 @@ fn parse_ip(text: &str) -> Result<IpAddr> {
 #[derive(Default)]
 struct State {
     pools: BTreeMap<String, PoolState>,
-    /// The pool defined by the config file, which only the config file can remove.
+    /// The pool defined by the config file, which only force removes (until the next start).
     config_pool: Option<String>,
 }
 
@@ -360,9 +360,11 @@ impl Allocator {
             match state.pools.get(name) {
                 None => (self.durability.latest(), (false, vec![])),
                 Some(ps) => {
-                    if state.config_pool.as_deref() == Some(name) {
+                    if state.config_pool.as_deref() == Some(name) && !force {
                         return Err(Error::Precondition(format!(
-                            "pool {name:?} is defined by the config file (networking.bridge); change it there"
+                            "pool {name:?} is defined by the config file (networking.bridge): \
+                             change it there, or delete it with force (the config brings it \
+                             back at the next start)"
                         )));
                     }
                     if !ps.leases.is_empty() && !force {
