@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::manifest::{Hypervisor, Manifest, Mode};
 
+/// The mark of a store whose VM records hold their port forwards.
+pub const FORWARDS_IN_RECORDS: &str = "forwards-in-records";
+
 /// A VM's place in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -236,7 +239,12 @@ impl Store {
     /// [`volant_services::store::open_sled`]).
     pub fn open(dir: &Path) -> Result<Store, String> {
         let db = volant_services::store::open_sled(&dir.join("vmm.sled"), 8 << 20)?;
-        Ok(Store { db })
+        let store = Store { db };
+        // A new store has nothing to migrate.
+        if store.db.is_empty() {
+            store.mark(FORWARDS_IN_RECORDS)?;
+        }
+        Ok(store)
     }
 
     fn scan<T: for<'de> Deserialize<'de>>(&self, prefix: &str) -> Result<Vec<T>, String> {
@@ -286,6 +294,28 @@ impl Store {
     /// Removes a VM record.
     pub fn delete_vm(&self, name: &str) -> Result<(), String> {
         self.db.remove(format!("vm/{name}")).map(drop).map_err(err)
+    }
+
+    /// Whether the store carries mark `name` (a one-time step it has been through).
+    pub fn marked(&self, name: &str) -> Result<bool, String> {
+        self.db.contains_key(format!("mark/{name}")).map_err(err)
+    }
+
+    /// Removes mark `name` (a store from before the step, in tests).
+    #[cfg(test)]
+    pub fn unmark(&self, name: &str) -> Result<(), String> {
+        self.db
+            .remove(format!("mark/{name}"))
+            .map(drop)
+            .map_err(err)
+    }
+
+    /// Sets mark `name`; durable after [`Store::flush`].
+    pub fn mark(&self, name: &str) -> Result<(), String> {
+        self.db
+            .insert(format!("mark/{name}"), b"1".to_vec())
+            .map(drop)
+            .map_err(err)
     }
 
     /// Makes every write durable.

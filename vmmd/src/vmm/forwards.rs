@@ -96,6 +96,43 @@ impl Vmm {
     }
 }
 
+impl Vmm {
+    /// Once per store: the forwards netd holds for a VM at its address, made before VM records
+    /// held their forwards (through the gateway, straight at netd), become that VM's, so that an
+    /// upgrade keeps them; reconciliation removes the others as ever.
+    pub(super) async fn adopt_forwards(&self, at_netd: &[Forward]) -> Result<()> {
+        if self
+            .store
+            .marked(crate::records::FORWARDS_IN_RECORDS)
+            .map_err(store_err)?
+        {
+            return Ok(());
+        }
+        for f in at_netd {
+            let (_vm, rec) = self.current(&f.vm).await;
+            let Some(rec) = rec.filter(|r| r.mode == Mode::Bridge && r.ip == Some(f.vm_ip)) else {
+                continue;
+            };
+            let kept = PortForward {
+                protocol: f.protocol.clone(),
+                host_port: f.host_port,
+                guest_port: f.vm_port,
+            };
+            if !rec.forwards.iter().any(|o| o.same_host_port(&kept)) {
+                tracing::info!(vm = %rec.name, port = f.host_port, "a port forward made before records held them is the VM's");
+                let (_, seq) = self.update(&rec.name, |r| r.forwards.push(kept))?;
+                self.durable(seq).await;
+            }
+        }
+        self.store
+            .mark(crate::records::FORWARDS_IN_RECORDS)
+            .map_err(store_err)?;
+        let seq = self.durability.record();
+        self.durable(seq).await;
+        Ok(())
+    }
+}
+
 /// Forward `f` of VM `vm` at `ip`, as netd holds it.
 pub(super) fn netd_forward(vm: &str, ip: IpAddr, f: &PortForward) -> Forward {
     Forward {

@@ -204,7 +204,10 @@ impl Vmm {
     /// Locks VM `name` and reads its record afresh (`None`: it no longer exists). A repair
     /// decided on a snapshot is checked again on it: no operation on that VM runs meanwhile, and
     /// no other VM waits.
-    async fn current(&self, name: &str) -> (tokio::sync::MutexGuard<'_, ()>, Option<VmRecord>) {
+    pub(super) async fn current(
+        &self,
+        name: &str,
+    ) -> (tokio::sync::MutexGuard<'_, ()>, Option<VmRecord>) {
         let guard = self.vm_lock(name).lock().await;
         let rec = lock(&self.vms).get(name).cloned();
         (guard, rec)
@@ -254,6 +257,7 @@ impl Vmm {
             self.peers.taps().await?,
             self.peers.forwards().await?,
         );
+        self.adopt_forwards(&forwards).await?;
         let mut repairs = Repairs::default();
         let holds_lease = |r: &VmRecord, pool: &str, ip: &str| {
             r.status == VmStatus::Creating

@@ -572,3 +572,38 @@ async fn a_bridge_made_by_hand_is_adopted_on_first_use_and_said_so() {
     let (_, notes) = f.vmm.create(request("b", "bridge=volant1")).await.unwrap();
     assert!(notes.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_made_before_records_held_them_are_adopted_once() {
+    let f = fixture().await;
+    f.vmm.create(request("a", "")).await.unwrap();
+    // A store from before: netd holds a's forward, made through the old gateway path.
+    f.vmm
+        .store
+        .unmark(crate::records::FORWARDS_IN_RECORDS)
+        .unwrap();
+    let at = |vm: &str, port: u16| Forward {
+        vm: vm.into(),
+        protocol: "tcp".into(),
+        host_port: port,
+        vm_ip: [192, 168, 127, 100].into(),
+        vm_port: 80,
+    };
+    lock(&f.peers.forwards).extend([at("a", 8080), at("gone", 8081)]);
+    f.vmm.reconcile_peers().await.unwrap();
+    let kept = PortForward::checked("tcp", 8080, 80).unwrap();
+    assert_eq!(
+        f.vmm.get("a").unwrap().forwards,
+        std::slice::from_ref(&kept)
+    );
+    assert_eq!(
+        *lock(&f.peers.forwards),
+        [at("a", 8080)],
+        "a VM that is gone keeps none"
+    );
+    // Once only: a forward made at netd afterwards is nobody's.
+    lock(&f.peers.forwards).push(at("a", 8082));
+    f.vmm.reconcile_peers().await.unwrap();
+    assert_eq!(f.vmm.get("a").unwrap().forwards, [kept]);
+    assert_eq!(*lock(&f.peers.forwards), [at("a", 8080)]);
+}
