@@ -411,12 +411,20 @@ impl Routes {
     }
 }
 
-/// Binds a VM's egress listener. The VM's vsock backend, which connects to it, may run under
+/// Binds a VM's egress listener in the VM's directory. The VM's vsock backend, which connects to it, may run under
 /// a uid of its own: in a directory that only the VM's uid and root may enter (vmmd makes one
 /// per VM), the socket is opened to every user that can reach it; anywhere else it stays
 /// proxyd's alone.
 fn bind_egress(path: &std::path::Path) -> Result<tokio::net::UnixListener, Status> {
     use std::os::unix::fs::PermissionsExt;
+    // The directory is the VM's, made by vmmd before it registers the VM: proxyd never makes
+    // it, so a route restored for a VM that is gone leaves nothing in the run directory.
+    if !path.parent().is_some_and(|d| d.is_dir()) {
+        return Err(Status::failed_precondition(format!(
+            "{}: the VM's directory does not exist (vmmd makes it before registering a VM)",
+            path.display()
+        )));
+    }
     let listener =
         volant_services::daemon::bind_unix(path).map_err(|e| Status::internal(format!("{e:#}")))?;
     let guarded = path
@@ -428,4 +436,20 @@ fn bind_egress(path: &std::path::Path) -> Result<tokio::net::UnixListener, Statu
             .map_err(|e| Status::internal(format!("{}: {e}", path.display())))?;
     }
     Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A route restored for a VM that is gone (vmmd removed its directory) makes nothing in the
+    /// run directory: the directory is vmmd's to make.
+    #[test]
+    fn an_egress_listener_never_makes_the_vms_directory() {
+        let run = tempfile::tempdir().unwrap();
+        let gone = run.path().join("vms/gone/vsock.sock_1025");
+        let err = bind_egress(&gone).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+        assert!(!run.path().join("vms").exists());
+    }
 }

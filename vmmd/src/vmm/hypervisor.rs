@@ -225,13 +225,13 @@ impl Vmm {
             return;
         };
         if graceful {
-            match driver.request_shutdown(&api).await {
+            match within(driver.request_shutdown(&api)).await {
                 Ok(()) if self.exited(&rec.name, self.settings.stop_timeout).await => return,
                 Ok(()) => tracing::warn!(vm = %rec.name, "the guest did not shut down in time"),
                 Err(e) => tracing::warn!(vm = %rec.name, "asking the guest to shut down: {e}"),
             }
         }
-        if let Err(e) = driver.force_stop(&api).await {
+        if let Err(e) = within(driver.force_stop(&api)).await {
             tracing::warn!(vm = %rec.name, "stopping the hypervisor: {e}");
         }
         if !self.exited(&rec.name, KILL_GRACE).await && !hypervisor.has_exited() {
@@ -291,4 +291,17 @@ pub(super) fn remove_cgroup(settings: &Settings, name: &str) {
     {
         tracing::debug!(vm = %name, "{e}; the next reconciliation retries");
     }
+}
+
+/// How long one request to a hypervisor's control socket may take: QEMU's monitor serves one
+/// client at a time, so a request can otherwise wait for ever behind another.
+const CONTROL: Duration = Duration::from_secs(5);
+
+/// `request` to a hypervisor's control socket, given up after [`CONTROL`].
+pub(super) async fn within<T>(
+    request: impl std::future::Future<Output = std::result::Result<T, String>>,
+) -> std::result::Result<T, String> {
+    tokio::time::timeout(CONTROL, request)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {CONTROL:?}")))
 }

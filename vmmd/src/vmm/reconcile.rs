@@ -79,7 +79,7 @@ impl Vmm {
             None => None,
         };
         let answers = match self.driver(rec.hypervisor) {
-            Ok(d) if held.is_some() => d.ping(&api).await.is_ok(),
+            Ok(d) if held.is_some() => hypervisor::within(d.ping(&api)).await.is_ok(),
             _ => false,
         };
         match (held, answers) {
