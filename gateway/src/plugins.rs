@@ -26,7 +26,7 @@ pub async fn list(State(p): State<Peers>) -> Result<List<Plugin>, ApiError> {
 
 /// Installs a plugin from its manifest (the body); installing it again replaces it (200).
 #[utoipa::path(post, path = "/api/v1/plugins", tag = "plugins",
-    request_body(content = Object, description = "the plugin manifest (docs/manifest.md lists every field)"),
+    request_body(content = Object, description = "the plugin manifest: its JSON Schema is GET /api/v1/schemas/manifest.json"),
     responses((status = 503, body = ErrorBody), (status = 201, body = Plugin), (status = 200, body = Plugin), (status = 400, body = ErrorBody)))]
 pub async fn install(
     State(p): State<Peers>,

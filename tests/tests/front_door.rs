@@ -116,6 +116,93 @@ fn manifest_file(fd: &FrontDoor) -> String {
     path.display().to_string()
 }
 
+/// The manifest's JSON Schema, served by the gateway and the body of `POST /api/v1/plugins` in
+/// its OpenAPI document, says what the server accepts: the shipped manifest is valid, and each
+/// manifest the server refuses with 400 is invalid by the schema too (Python's `jsonschema`,
+/// from PyPI, draft 2020-12).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_manifest_schema_says_what_the_server_accepts() {
+    let fd = front_door().await;
+    let (code, schema) = fd.curl("GET", "/schemas/manifest.json", None, false);
+    assert_eq!(code, 200, "{schema}");
+    let (_, doc) = fd.curl("GET", "/openapi.json", None, false);
+    let doc: Value = serde_json::from_str(&doc).unwrap();
+    assert_eq!(
+        doc["paths"]["/api/v1/plugins"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+            ["$ref"],
+        "#/components/schemas/Manifest"
+    );
+    assert!(doc["components"]["schemas"]["Manifest"]["properties"]["workload"].is_object());
+    let dir = tempfile::tempdir().unwrap();
+    let schema_file = dir.path().join("schema.json");
+    std::fs::write(&schema_file, &schema).unwrap();
+    let python = std::path::Path::new(&std::env::var_os("VOLANT_INTEROP").expect("tests/run"))
+        .join("venv/bin/python");
+    let valid = |manifest: &Value| {
+        let file = dir.path().join("manifest.json");
+        std::fs::write(&file, manifest.to_string()).unwrap();
+        let out = volant_tests::sh(&format!(
+            "{} -c 'import json, sys, jsonschema; \
+             v = jsonschema.Draft202012Validator(json.load(open(sys.argv[1]))); \
+             print(v.is_valid(json.load(open(sys.argv[2]))))' {} {}",
+            python.display(),
+            schema_file.display(),
+            file.display()
+        ));
+        out.trim() == "True"
+    };
+    let hello: Value = serde_json::from_str(&hello_manifest()).unwrap();
+    let changed = |f: &dyn Fn(&mut Value)| {
+        let mut m = hello.clone();
+        f(&mut m);
+        m
+    };
+    let cases = [
+        ("as shipped", hello.clone()),
+        (
+            "no name",
+            changed(&|m| drop(m.as_object_mut().unwrap().remove("name"))),
+        ),
+        ("an unknown field", changed(&|m| m["nmae"] = "x".into())),
+        ("a bad name", changed(&|m| m["name"] = "Hello!".into())),
+        (
+            "no vCPU",
+            changed(&|m| m["resources"]["cpu_cores"] = 0.into()),
+        ),
+        (
+            "too little memory",
+            changed(&|m| m["resources"]["memory_mb"] = 8.into()),
+        ),
+        (
+            "a relative entrypoint",
+            changed(&|m| m["workload"]["entrypoint"] = serde_json::json!(["bin/sh"])),
+        ),
+        (
+            "a bad variable name",
+            changed(&|m| m["workload"]["env"] = serde_json::json!({"1X": "y"})),
+        ),
+        (
+            "a bad mode",
+            changed(&|m| m["networking"]["mode"] = "tap".into()),
+        ),
+        (
+            "port 0",
+            changed(&|m| m["workload"]["http"]["port"] = 0.into()),
+        ),
+        ("a bad version", changed(&|m| m["version"] = "1 0".into())),
+    ];
+    for (what, manifest) in cases {
+        let (code, answer) = fd.curl("POST", "/plugins", Some(&manifest.to_string()), true);
+        let accepted = code == 200 || code == 201;
+        assert!(accepted || code == 400, "{what}: {code} {answer}");
+        assert_eq!(
+            valid(&manifest),
+            accepted,
+            "{what}: the server answered {code} {answer}"
+        );
+    }
+}
+
 /// The networking guide's troubleshooting section, each command as printed (the test's socket
 /// directory put for `/var/run/volant`; what a person types after `socat`'s connection, typed
 /// a moment later), against a vsock VM: its socket is listed, `socat` with
