@@ -118,18 +118,23 @@ impl From<vmm::Vm> for Vm {
 #[serde(deny_unknown_fields)]
 pub struct CreateVm {
     /// A DNS label.
+    #[schema(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", max_length = 63)]
     pub name: String,
     /// An installed plugin.
+    #[schema(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", max_length = 63)]
     pub plugin: String,
     /// vCPUs [default: the plugin's].
+    #[schema(minimum = 1, maximum = 64)]
     pub cpu_cores: Option<u32>,
     /// MiB [default: the plugin's].
+    #[schema(minimum = 64, maximum = 65536)]
     pub memory_mb: Option<u32>,
     /// `bridge` (the default network), `bridge=<network>` or `vsock` [default: the plugin's].
     pub network: Option<String>,
     /// A fixed address inside the network's range.
     pub ip: Option<String>,
-    /// Appended to the plugin's kernel command line.
+    /// Appended to the plugin's kernel command line (`volant.*` parameters are refused).
+    #[schema(max_length = 512)]
     pub kernel_cmdline: Option<String>,
 }
 
@@ -230,6 +235,7 @@ impl Network {
 #[serde(deny_unknown_fields)]
 pub struct CreateNetwork {
     /// The bridge's name (a DNS label of at most 15 characters).
+    #[schema(pattern = "^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$", max_length = 15)]
     pub name: String,
     /// CIDR.
     pub subnet: String,
@@ -307,11 +313,14 @@ impl Port {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddPort {
-    /// The host's port (1–65535).
+    /// The host's port.
+    #[schema(minimum = 1, maximum = 65535)]
     pub host_port: u32,
-    /// The VM's port (1–65535).
+    /// The VM's port.
+    #[schema(minimum = 1, maximum = 65535)]
     pub guest_port: u32,
     /// `tcp` or `udp` [default: tcp].
+    #[schema(pattern = "^(tcp|udp)$")]
     pub protocol: Option<String>,
 }
 

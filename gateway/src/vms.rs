@@ -264,7 +264,7 @@ pub async fn add_port(
 
 /// Removes one of the VM's port forwards.
 #[utoipa::path(delete, path = "/api/v1/vms/{name}/ports/{host_port}", tag = "ports",
-    params(("name" = String, Path, description = "VM name"), ("host_port" = u32, Path, description = "host port"), Protocol),
+    params(("name" = String, Path, description = "VM name"), ("host_port" = u32, Path, minimum = 1, maximum = 65535, description = "host port"), Protocol),
     responses((status = 503, body = ErrorBody), (status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn remove_port(
     State(p): State<Peers>,

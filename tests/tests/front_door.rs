@@ -133,6 +133,23 @@ async fn the_manifest_schema_says_what_the_server_accepts() {
         "#/components/schemas/Manifest"
     );
     assert!(doc["components"]["schemas"]["Manifest"]["properties"]["workload"].is_object());
+    // The server's constraints are stated: names, ports.
+    let schemas = &doc["components"]["schemas"];
+    assert_eq!(
+        schemas["CreateVm"]["properties"]["name"]["maxLength"], 63,
+        "{}",
+        schemas["CreateVm"]
+    );
+    assert!(schemas["CreateVm"]["properties"]["name"]["pattern"].is_string());
+    assert_eq!(
+        schemas["AddPort"]["properties"]["host_port"]["maximum"],
+        65535
+    );
+    assert_eq!(schemas["AddPort"]["properties"]["guest_port"]["minimum"], 1);
+    assert_eq!(
+        schemas["CreateNetwork"]["properties"]["name"]["maxLength"],
+        15
+    );
     let dir = tempfile::tempdir().unwrap();
     let schema_file = dir.path().join("schema.json");
     std::fs::write(&schema_file, &schema).unwrap();
