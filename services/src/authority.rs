@@ -103,6 +103,11 @@ impl<S> Authority<S> {
             let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
             let (kind, flags) = (head[3], head[4]);
             let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            // A frame is held whole before it passes: a client may not make it hold more than
+            // a header block's worth (the server accepts 16 KiB frames unless it says otherwise).
+            if len > MAX_BLOCK {
+                return Err(invalid("a frame larger than 1 MiB"));
+            }
             if self.input.len() - at - 9 < len {
                 break;
             }
@@ -429,6 +434,16 @@ mod tests {
         assert_eq!(b.len(), 1);
         assert_eq!(b[0].2[0].1, b"localhost");
         assert_eq!(b[0].2[1].1.len(), 40_000);
+        // A frame announced larger than any block held is refused before it is read.
+        let mut huge = PREFACE.to_vec();
+        huge.extend_from_slice(&[0xff, 0xff, 0xff, 0x0, 0, 0, 0, 0, 1]);
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let mut a = Authority::new(server);
+        let mut client = client;
+        client.write_all(&huge).await.unwrap();
+        let mut got = Vec::new();
+        let err = a.read_to_end(&mut got).await.unwrap_err();
+        assert!(err.to_string().contains("larger than 1 MiB"), "{err}");
         let http1 = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
         assert_eq!(through(http1, 3).await, http1);
     }

@@ -7,6 +7,8 @@
 //! even when a step fails.
 
 mod create;
+#[cfg(test)]
+mod fakes;
 mod forwards;
 mod hypervisor;
 mod lifecycle;
