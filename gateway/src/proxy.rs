@@ -209,6 +209,8 @@ async fn forward(p: Peers, name: String, mut req: Request) -> Result<Response, A
         ))));
     }
     workload_credentials(req.headers_mut());
+    // The request goes on in this request's trace (proxyd's ingress span joins it).
+    volant_services::telemetry::inject_trace(&tracing::Span::current(), req.headers_mut());
     let original = req
         .uri()
         .path_and_query()

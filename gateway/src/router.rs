@@ -12,6 +12,7 @@ use tracing::Instrument;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
+use volant_services::metrics;
 
 use crate::doors::{self, Doors};
 use crate::error::ApiError;
@@ -43,6 +44,8 @@ struct Doc;
 /// Wraps every routed request in a span named for the route (`GET /api/v1/vms/{name}`) that
 /// continues the caller's W3C trace, and records the status.
 async fn trace(req: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = metrics::http_method(req.method().as_str());
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -85,8 +88,27 @@ async fn trace(req: Request, next: Next) -> Response {
     if status.is_server_error() {
         span.record("otel.status_code", "ERROR");
     }
+    let mut attrs = vec![
+        metrics::KeyValue::new("http.request.method", method),
+        metrics::KeyValue::new("http.response.status_code", i64::from(status.as_u16())),
+    ];
+    if !route.is_empty() {
+        attrs.push(metrics::KeyValue::new("http.route", route));
+    }
+    REQUESTS.record(started.elapsed().as_secs_f64(), &attrs);
     res
 }
+
+/// `http.server.request.duration`, OpenTelemetry's histogram of HTTP server requests: by method,
+/// route (the template, never the path asked for) and status.
+static REQUESTS: std::sync::LazyLock<metrics::Histogram<f64>> = std::sync::LazyLock::new(|| {
+    metrics::meter()
+        .f64_histogram("http.server.request.duration")
+        .with_unit("s")
+        .with_description("Duration of HTTP server requests.")
+        .with_boundaries(metrics::REQUEST_SECONDS.to_vec())
+        .build()
+});
 
 async fn unknown_path(req: Request) -> ApiError {
     ApiError::not_found(format!(

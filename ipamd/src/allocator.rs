@@ -351,6 +351,11 @@ impl Allocator {
             .await
     }
 
+    /// Every pool as memory holds it now, without waiting for the store: for metrics.
+    pub fn occupancy(&self) -> Vec<PoolView> {
+        self.lock().pools.values().map(PoolState::view).collect()
+    }
+
     /// Deletes a pool; with leases only when `force`, releasing them. Returns whether it existed
     /// and what was released.
     pub async fn delete_pool(&self, name: &str, force: bool) -> Result<(bool, Vec<(Lease, Pool)>)> {

@@ -2,6 +2,7 @@
 
 mod allocator;
 mod grpc;
+mod metrics;
 mod pool;
 mod sled_store;
 mod store;
@@ -28,6 +29,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     allocator
         .ensure_config_pool(&daemon.config.networking.bridge)
         .await?;
+    metrics::watch(allocator.clone());
     let service = IpamServer::new(grpc::IpamService::new(allocator));
     daemon.serve(Services::default().with(service)).await
 }

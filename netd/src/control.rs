@@ -596,6 +596,20 @@ impl Netd {
         Ok(name.is_some())
     }
 
+    /// How many TAPs each network has, when the desired state is not being changed right now.
+    pub fn tap_counts(&self) -> Option<Vec<(String, u64)>> {
+        let d = self.desired.try_lock().ok()?;
+        Some(
+            d.networks
+                .keys()
+                .map(|n| {
+                    let taps = d.taps.values().filter(|t| &t.network == n).count();
+                    (n.clone(), taps as u64)
+                })
+                .collect(),
+        )
+    }
+
     /// The TAPs, optionally of one network.
     pub async fn list_taps(&self, network: Option<&str>) -> Result<Vec<Tap>> {
         let d = self.lock().await;

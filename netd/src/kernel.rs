@@ -341,10 +341,13 @@ impl Kernel {
     ) -> Result<(), String> {
         let rules = (!desired.networks.is_empty()).then(|| rules_of(desired));
         let fw = self.firewall.clone();
+        let started = std::time::Instant::now();
         let changed = tokio::task::spawn_blocking(move || fw.sync(rules.as_ref()))
             .await
-            .map_err(|e| format!("iptables task: {e}"))??;
-        done.extend(changed);
+            .map_err(|e| format!("iptables task: {e}"))
+            .and_then(|r| r);
+        crate::metrics::rule_sync("iptables", started.elapsed(), changed.is_ok());
+        done.extend(changed?);
         Ok(())
     }
 
@@ -360,6 +363,7 @@ impl Kernel {
         done: &mut Vec<String>,
     ) -> Result<(), String> {
         let lock = self.guard.clone();
+        let started = std::time::Instant::now();
         let changed = tokio::task::spawn_blocking(move || {
             let mut known = lock.lock().unwrap_or_else(|e| e.into_inner());
             if fresh {
@@ -368,8 +372,10 @@ impl Kernel {
             guard::sync(&mut known, guests.as_ref(), sweep)
         })
         .await
-        .map_err(|e| format!("ebtables task: {e}"))??;
-        done.extend(changed);
+        .map_err(|e| format!("ebtables task: {e}"))
+        .and_then(|r| r);
+        crate::metrics::rule_sync("ebtables", started.elapsed(), changed.is_ok());
+        done.extend(changed?);
         Ok(())
     }
 

@@ -8,5 +8,6 @@ pub mod grpc;
 pub mod guard;
 pub mod kernel;
 pub mod links;
+pub mod metrics;
 pub mod naming;
 pub mod tap;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use netd::{desired, grpc, kernel};
+use netd::{desired, grpc, kernel, metrics};
 use volant_services::api::net::v1::net_server::NetServer;
 use volant_services::daemon::{self, Daemon, DaemonArgs, Services};
 
@@ -23,7 +23,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let kernel = kernel::Kernel::connect().map_err(anyhow::Error::msg)?;
     let mut netd = netd::control::Netd::open(store, kernel)?;
     netd.start(&daemon.config.networking.bridge).await?;
-    let service = NetServer::new(grpc::NetService::new(Arc::new(netd)));
+    let netd = Arc::new(netd);
+    metrics::watch_taps(netd.clone());
+    let service = NetServer::new(grpc::NetService::new(netd));
     daemon.serve(Services::default().with(service)).await
 }
 

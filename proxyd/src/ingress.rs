@@ -17,12 +17,13 @@ use std::time::Duration;
 
 use http::StatusCode;
 use tokio::time::Instant;
+use tracing::Instrument;
 use volant_services::daemon::{Listener, Stop};
 
-use crate::hvsock;
 use crate::routes::Routes;
 use crate::splice::{Buf, Pipe, Socket, both_ways};
 use crate::wire::{self, Framing, Refusal, Request};
+use crate::{hvsock, metrics};
 
 /// The read buffer of a client connection, which bounds the request head.
 const MAX_HEAD: usize = 256 * 1024;
@@ -224,15 +225,44 @@ impl Ingress {
         }
     }
 
-    /// Forwards `req` and its answer; returns whether the client connection goes on.
+    /// Forwards `req` and its answer, in a span of its own that continues the trace the request
+    /// carries (the gateway's); returns whether the client connection goes on.
     async fn exchange(&self, conn: Conn<'_>, req: Request) -> bool {
+        let started = std::time::Instant::now();
+        let method = volant_services::metrics::http_method(&req.method);
+        let span = tracing::info_span!(
+            "ingress",
+            otel.name = %format!("ingress {method}"),
+            otel.kind = "server",
+            vm = %req.vm,
+            http.request.method = method,
+            http.response.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        volant_services::telemetry::continue_trace(&span, &req.trace);
+        let (goes_on, status) = self
+            .answer_request(conn, req)
+            .instrument(span.clone())
+            .await;
+        span.record("http.response.status_code", status);
+        if status >= 500 {
+            span.record("otel.status_code", "ERROR");
+        }
+        metrics::ingress(method, status, started.elapsed());
+        goes_on
+    }
+
+    /// Forwards `req` and its answer; returns whether the client connection goes on, and the
+    /// status the client was answered.
+    async fn answer_request(&self, conn: Conn<'_>, req: Request) -> (bool, u16) {
         let Some((vm, policy)) = self.routes.route(&req.vm) else {
             conn.pool.forget(&req.vm);
             let why = format!(
                 "vm {:?} has no vsock route; is it a vsock VM that is running?",
                 req.vm
             );
-            return refuse(conn.down, &req, StatusCode::NOT_FOUND, why).await;
+            let status = StatusCode::NOT_FOUND;
+            return (refuse(conn.down, &req, status, why).await, status.as_u16());
         };
         vm.stats.ingress_requests.fetch_add(1, Relaxed);
         let route = &policy.route;
@@ -241,12 +271,13 @@ impl Ingress {
                 "vm {:?} takes no ingress: its plugin sets networking.proxy.enabled to false",
                 req.vm
             );
-            return refuse(conn.down, &req, StatusCode::FORBIDDEN, why).await;
+            let status = StatusCode::FORBIDDEN;
+            return (refuse(conn.down, &req, status, why).await, status.as_u16());
         }
         let socket = Path::new(&route.socket);
         let down = conn.down;
         match self.forward(conn, &req, socket, route.ingress_port).await {
-            Ok(goes_on) => goes_on,
+            Ok(answered) => answered,
             Err(f) => {
                 vm.stats.ingress_errors.fetch_add(1, Relaxed);
                 tracing::info!(
@@ -255,8 +286,9 @@ impl Ingress {
                     "ingress: {}",
                     f.message
                 );
+                let status = f.status.as_u16();
                 if f.answered {
-                    return false;
+                    return (false, status);
                 }
                 let refusal = Refusal {
                     status: f.status,
@@ -265,20 +297,21 @@ impl Ingress {
                     len: 0,
                 };
                 let sent = down.write_all(&wire::refusal(&refusal)).await;
-                sent.is_ok() && !refusal.close
+                (sent.is_ok() && !refusal.close, status)
             }
         }
     }
 
     /// Sends `req` to the workload (retrying once on a fresh connection if a reused one turns
-    /// out closed) and relays the answer.
+    /// out closed) and relays the answer; returns whether the client connection goes on and
+    /// the answer's status.
     async fn forward(
         &self,
         conn: Conn<'_>,
         req: &Request,
         socket: &Path,
         port: u32,
-    ) -> Result<bool, Failure> {
+    ) -> Result<(bool, u16), Failure> {
         let Conn {
             down,
             dbuf,
@@ -294,11 +327,11 @@ impl Ingress {
             };
             ubuf.consume(ubuf.bytes().len());
             match self.relay(down, dbuf, ubuf, pipes, &up, req).await {
-                Ok((goes_on, reusable)) => {
+                Ok((goes_on, reusable, status)) => {
                     if reusable {
                         pool.give_back(&req.vm, up);
                     }
-                    return Ok(goes_on);
+                    return Ok((goes_on, status));
                 }
                 Err(f) if f.stale && reused && req.framing == Framing::None => fresh_only = true,
                 Err(f) => return Err(f),
@@ -306,8 +339,8 @@ impl Ingress {
         }
     }
 
-    /// One request and its answer over `up`; returns whether the client connection goes on
-    /// and whether `up` may serve again.
+    /// One request and its answer over `up`; returns whether the client connection goes on,
+    /// whether `up` may serve again, and the answer's status.
     async fn relay(
         &self,
         down: &Socket,
@@ -316,7 +349,7 @@ impl Ingress {
         pipes: &mut [Option<Pipe>; 2],
         up: &Socket,
         req: &Request,
-    ) -> Result<(bool, bool), Failure> {
+    ) -> Result<(bool, bool, u16), Failure> {
         let vm = &req.vm;
         let mut first = req.head.clone();
         let mut rest = req.framing;
@@ -354,17 +387,19 @@ impl Ingress {
             }
         };
         let Answered {
+            status,
             switched,
             reusable,
             closes,
         } = outcome;
         if switched {
             self.upgraded(down, dbuf, up, ubuf).await;
-            return Ok((false, false));
+            return Ok((false, false, status));
         }
         Ok((
             body_done && !closes,
             body_done && reusable && ubuf.is_empty(),
+            status,
         ))
     }
 
@@ -435,6 +470,7 @@ impl Ingress {
             }
             if head.switched {
                 return Ok(Answered {
+                    status: head.status,
                     switched: true,
                     reusable: false,
                     closes: true,
@@ -456,6 +492,7 @@ impl Ingress {
                 down.shutdown_write();
             }
             return Ok(Answered {
+                status: head.status,
                 switched: false,
                 reusable: head.reusable,
                 closes: head.closes,
@@ -526,6 +563,7 @@ impl Pool {
 
 /// What became of an answer.
 struct Answered {
+    status: u16,
     switched: bool,
     reusable: bool,
     closes: bool,

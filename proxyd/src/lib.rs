@@ -7,6 +7,7 @@ pub mod http;
 pub mod hvsock;
 pub mod ingress;
 pub mod limit;
+pub mod metrics;
 pub mod networks;
 pub mod resolve;
 pub mod routes;

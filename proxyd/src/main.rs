@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use proxyd::{egress, grpc, ingress, networks, resolve, routes, tls};
+use proxyd::{egress, grpc, ingress, metrics, networks, resolve, routes, tls};
 use volant_services::addr::Addr;
 use volant_services::api::proxy::v1::proxy_server::ProxyServer;
 use volant_services::daemon::{self, Daemon, DaemonArgs, Services};
@@ -29,6 +29,7 @@ struct Args {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let daemon = Daemon::start("proxyd", args.daemon)?;
+    metrics::init();
     let c = daemon.config.proxyd.clone();
     let threads = c.ingress_threads.unwrap_or(1);
     anyhow::ensure!(
@@ -83,7 +84,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Duration::from_secs(c.request_timeout_secs.unwrap_or(300)),
         egress.idle_timeout,
     ));
-    let listener = daemon::bind(&ingress_addr).await?;
+    let listener = daemon::bind(&ingress_addr)?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(ingress.serve(
         listener,

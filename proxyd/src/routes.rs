@@ -100,6 +100,7 @@ impl Vm {
             &self.stats.egress_bytes_in
         };
         c.fetch_add(n as u64, Relaxed);
+        crate::metrics::carried(&self.name, outbound, n as u64);
         self.policy
             .borrow()
             .as_ref()

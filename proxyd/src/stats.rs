@@ -41,7 +41,8 @@ pub enum Verdict {
 
 impl Stats {
     /// Counts one egress decision and its reason.
-    pub fn decided(&self, verdict: Verdict, reason: &str) {
+    pub fn decided(&self, verdict: Verdict, reason: &'static str) {
+        crate::metrics::decided(verdict, reason);
         match verdict {
             Verdict::Allow => &self.egress_allowed,
             Verdict::Deny => &self.egress_denied,

@@ -45,6 +45,10 @@ pub struct Request {
     pub keep_alive: bool,
     /// Whether it is a `HEAD` request (its answer has no body whatever it says).
     pub head_only: bool,
+    /// The method.
+    pub method: String,
+    /// The W3C trace context it carries (`traceparent`, `tracestate`), sent on as is.
+    pub trace: http::HeaderMap,
     /// The length of the head in the buffer.
     pub len: usize,
 }
@@ -96,6 +100,8 @@ pub(crate) fn refuse(status: StatusCode, message: impl Into<String>, close: bool
 /// A parsed answer, ready for the client.
 #[derive(Debug)]
 pub struct Answer {
+    /// The status code.
+    pub status: u16,
     /// The head to send to the client.
     pub head: Vec<u8>,
     /// How the body is delimited.
@@ -341,6 +347,16 @@ pub fn parse_request(buf: &[u8], max_body: u64) -> Result<Option<Request>, Refus
     head.extend_from_slice(b" HTTP/1.1\r\n");
     push_fields(&mut head, headers, &tokens, upgrade);
     head.extend_from_slice(b"\r\n");
+    let mut trace = http::HeaderMap::new();
+    for f in headers.iter() {
+        for name in ["traceparent", "tracestate"] {
+            if f.name.eq_ignore_ascii_case(name)
+                && let Ok(v) = http::HeaderValue::from_bytes(f.value)
+            {
+                trace.insert(name, v);
+            }
+        }
+    }
     Ok(Some(Request {
         vm: vm.to_string(),
         head,
@@ -348,6 +364,8 @@ pub fn parse_request(buf: &[u8], max_body: u64) -> Result<Option<Request>, Refus
         upgrade,
         keep_alive,
         head_only: method == "HEAD",
+        method: method.to_string(),
+        trace,
         len,
     }))
 }
@@ -391,6 +409,7 @@ pub fn parse_answer(buf: &[u8], req: &Asked) -> Result<Option<Answer>, String> {
     }
     head.extend_from_slice(b"\r\n");
     Ok(Some(Answer {
+        status: code,
         head,
         framing,
         interim,

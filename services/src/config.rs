@@ -116,6 +116,8 @@ pub struct ServiceConfig {
     pub state_dir: Option<PathBuf>,
     /// The service's listen address (and where peers dial it).
     pub listen: Option<Addr>,
+    /// Where to serve Prometheus metrics (`GET /metrics`) [default: not served].
+    pub metrics_listen: Option<Addr>,
 }
 
 /// vmmd's section: where it lives, and how it runs hypervisors.
@@ -126,6 +128,8 @@ pub struct VmmdConfig {
     pub state_dir: Option<PathBuf>,
     /// The listen address.
     pub listen: Option<Addr>,
+    /// Where to serve Prometheus metrics (`GET /metrics`) [default: not served].
+    pub metrics_listen: Option<Addr>,
     /// `qemu` or `cloud-hypervisor`; by default (`auto`) Cloud Hypervisor when its binary is
     /// found and boots the VM's kernel on this host (probed once), else QEMU. A plugin's
     /// manifest may ask for one.
@@ -169,6 +173,8 @@ pub struct GatewayConfig {
     pub state_dir: Option<PathBuf>,
     /// The listen address [default: tcp://127.0.0.1:8080].
     pub listen: Option<Addr>,
+    /// Where to serve Prometheus metrics (`GET /metrics`) [default: not served].
+    pub metrics_listen: Option<Addr>,
     /// SHA-256 hashes (hex) of the API keys; when any is set, every endpoint but
     /// `/api/v1/health` needs `Authorization: Bearer <key>`.
     pub api_key_hashes: Vec<String>,
@@ -206,6 +212,8 @@ pub struct ProxydConfig {
     pub state_dir: Option<PathBuf>,
     /// The gRPC listen address.
     pub listen: Option<Addr>,
+    /// Where to serve Prometheus metrics (`GET /metrics`) [default: not served].
+    pub metrics_listen: Option<Addr>,
     /// The ingress HTTP listener [default: unix:<run-dir>/proxyd-ingress.sock].
     pub ingress: Option<Addr>,
     /// How egress resolves names: the system's resolver, or a static map
@@ -310,14 +318,17 @@ impl Config {
             "gateway" => Some(ServiceConfig {
                 state_dir: self.gateway.state_dir.clone(),
                 listen: self.gateway.listen.clone(),
+                metrics_listen: self.gateway.metrics_listen.clone(),
             }),
             "proxyd" => Some(ServiceConfig {
                 state_dir: self.proxyd.state_dir.clone(),
                 listen: self.proxyd.listen.clone(),
+                metrics_listen: self.proxyd.metrics_listen.clone(),
             }),
             "vmmd" => Some(ServiceConfig {
                 state_dir: self.vmmd.state_dir.clone(),
                 listen: self.vmmd.listen.clone(),
+                metrics_listen: self.vmmd.metrics_listen.clone(),
             }),
             _ => None,
         }

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -19,6 +20,7 @@ use tonic_health::ServingStatus;
 
 use crate::addr::Addr;
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::mtls::MutualTls;
 use crate::telemetry::{GrpcTraceLayer, Side, Telemetry};
 
@@ -44,6 +46,10 @@ pub struct DaemonArgs {
     /// the gateway: tcp://127.0.0.1:8080]
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<Addr>,
+    /// Serve Prometheus metrics at /metrics here, unix:PATH or tcp://HOST:PORT [default: not
+    /// served; OTLP export follows OTEL_EXPORTER_OTLP_ENDPOINT either way]
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<Addr>,
 }
 
 /// A daemon's resolved settings: flags over its config section over defaults.
@@ -61,6 +67,7 @@ pub struct Daemon {
     /// Mutual TLS for TCP between the services, when configured.
     pub tls: Option<MutualTls>,
     telemetry: Telemetry,
+    metrics: Arc<Metrics>,
 }
 
 impl Daemon {
@@ -98,6 +105,11 @@ impl Daemon {
                 .with_context(|| format!("creating directory {}", dir.display()))?;
         }
         let tls = config.tls.as_ref().map(MutualTls::load).transpose()?;
+        let metrics_listen = args.metrics_listen.or(section.metrics_listen);
+        let metrics = Arc::new(Metrics::init(name, metrics_listen.is_some())?);
+        if let Some(addr) = &metrics_listen {
+            metrics.clone().serve(addr).context("metrics_listen")?;
+        }
         let files = raise_file_limit();
         tracing::debug!(files, "open files allowed");
         Ok(Daemon {
@@ -108,6 +120,7 @@ impl Daemon {
             listen,
             tls,
             telemetry,
+            metrics,
         })
     }
 
@@ -127,8 +140,8 @@ impl Daemon {
 
     /// Binds the listen address: a Unix socket (mode 0600, a stale one replaced, a live one
     /// refused) or TCP.
-    pub async fn bind(&self) -> anyhow::Result<Listener> {
-        bind(&self.listen).await
+    pub fn bind(&self) -> anyhow::Result<Listener> {
+        bind(&self.listen)
     }
 
     /// Runs the server that `serve` makes from the bound listener until SIGTERM or SIGINT;
@@ -141,7 +154,7 @@ impl Daemon {
     {
         let mut terminate = signal(SignalKind::terminate())?;
         let mut interrupt = signal(SignalKind::interrupt())?;
-        let listener = self.bind().await?;
+        let listener = self.bind()?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let stop: Stop = Box::pin(async {
             let _ = stop_rx.await;
@@ -173,6 +186,7 @@ impl Daemon {
             let _ = std::fs::remove_file(path);
         }
         tracing::info!("{} stopped", self.name);
+        self.metrics.shutdown();
         self.telemetry.shutdown();
         result
     }
@@ -253,6 +267,16 @@ pub enum Listener {
     Tcp(TcpListener),
 }
 
+impl Listener {
+    /// The next connection, of either kind.
+    pub async fn accept(&self) -> std::io::Result<Box<dyn Io>> {
+        Ok(match self {
+            Listener::Unix(l) => Box::new(l.accept().await?.0),
+            Listener::Tcp(l) => Box::new(l.accept().await?.0),
+        })
+    }
+}
+
 /// Raises the soft limit of open files to the hard one (a daemon holds a descriptor per
 /// connection, and the usual soft limit is 1024); returns the limit now in force.
 pub fn raise_file_limit() -> u64 {
@@ -330,14 +354,16 @@ fn notify_systemd(state: &str) {
 }
 
 /// Binds `addr`: a Unix socket (mode 0600, a stale one replaced, a live one refused) or TCP.
-pub async fn bind(addr: &Addr) -> anyhow::Result<Listener> {
+/// Must be called inside a Tokio runtime.
+pub fn bind(addr: &Addr) -> anyhow::Result<Listener> {
     Ok(match addr {
         Addr::Unix(path) => Listener::Unix(bind_unix(path)?),
-        Addr::Tcp(hostport) => Listener::Tcp(
-            TcpListener::bind(hostport)
-                .await
-                .with_context(|| format!("listening on tcp://{hostport}"))?,
-        ),
+        Addr::Tcp(hostport) => {
+            let listening = || format!("listening on tcp://{hostport}");
+            let l = std::net::TcpListener::bind(hostport).with_context(listening)?;
+            l.set_nonblocking(true).with_context(listening)?;
+            Listener::Tcp(TcpListener::from_std(l).with_context(listening)?)
+        }
     })
 }
 

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod dial;
 pub mod durability;
 pub mod hop;
+pub mod metrics;
 pub mod mtls;
 pub mod store;
 pub mod telemetry;

@@ -765,6 +765,22 @@ impl ControlPlane {
             .expect("installing hello");
     }
 
+    /// The egress socket proxyd listens on for vsock VM `vm` (where kestrel forwards the guest's
+    /// connections to the proxy).
+    pub async fn egress_socket(&self, vm: &str) -> String {
+        use volant_services::api::proxy::v1::{ListRoutesRequest, proxy_client::ProxyClient};
+        ProxyClient::new(self.proxyd.channel())
+            .list_routes(ListRoutesRequest {})
+            .await
+            .expect("ListRoutes")
+            .into_inner()
+            .routes
+            .into_iter()
+            .find(|r| r.vm == vm)
+            .unwrap_or_else(|| panic!("no route for {vm}"))
+            .egress_socket
+    }
+
     /// A vmmd client.
     pub fn vmm(&self) -> VmmClient<Channel> {
         VmmClient::new(self.vmmd.channel())

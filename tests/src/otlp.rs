@@ -1,10 +1,17 @@
-//! An OTLP/gRPC trace receiver for tests and benchmarks: the daemons export their spans to it
-//! exactly as they would to a collector, and the test reads them back.
+//! An OTLP/gRPC receiver of traces and metrics for tests and benchmarks: the daemons export to
+//! it exactly as they would to a collector, and the test reads back the spans and the names of
+//! the metrics each service sent.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -46,6 +53,37 @@ impl Span {
 #[derive(Clone, Default)]
 struct Collector(Arc<Mutex<Vec<Span>>>);
 
+/// `(service.name, metric name)` of every metric received.
+#[derive(Clone, Default)]
+struct MetricNames(Arc<Mutex<std::collections::BTreeSet<(String, String)>>>);
+
+fn service_of(r: &Option<opentelemetry_proto::tonic::resource::v1::Resource>) -> String {
+    r.iter()
+        .flat_map(|r| &r.attributes)
+        .find(|kv| kv.key == "service.name")
+        .map(|kv| text(&kv.value))
+        .unwrap_or_default()
+}
+
+#[tonic::async_trait]
+impl MetricsService for MetricNames {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        let mut names = self.0.lock().expect("lock");
+        for rm in req.into_inner().resource_metrics {
+            let service = service_of(&rm.resource);
+            for sm in rm.scope_metrics {
+                for m in sm.metrics {
+                    names.insert((service.clone(), m.name));
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+    }
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -68,13 +106,7 @@ impl TraceService for Collector {
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let mut spans = self.0.lock().expect("lock");
         for rs in req.into_inner().resource_spans {
-            let service = rs
-                .resource
-                .iter()
-                .flat_map(|r| &r.attributes)
-                .find(|kv| kv.key == "service.name")
-                .map(|kv| text(&kv.value))
-                .unwrap_or_default();
+            let service = service_of(&rs.resource);
             for ss in rs.scope_spans {
                 for s in ss.spans {
                     spans.push(Span {
@@ -103,6 +135,7 @@ pub struct Receiver {
     /// `http://127.0.0.1:<port>`, for `OTEL_EXPORTER_OTLP_ENDPOINT` inside the namespace.
     pub endpoint: String,
     spans: Collector,
+    metrics: MetricNames,
 }
 
 impl Receiver {
@@ -116,11 +149,22 @@ impl Receiver {
         let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
         let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
         let spans = Collector::default();
+        let metrics = MetricNames::default();
         let server = tonic::transport::Server::builder()
             .add_service(TraceServiceServer::new(spans.clone()))
+            .add_service(MetricsServiceServer::new(metrics.clone()))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
         tokio::spawn(server);
-        Receiver { endpoint, spans }
+        Receiver {
+            endpoint,
+            spans,
+            metrics,
+        }
+    }
+
+    /// `(service, metric)` of every metric received so far.
+    pub fn metric_names(&self) -> std::collections::BTreeSet<(String, String)> {
+        self.metrics.0.lock().expect("lock").clone()
     }
 
     /// Everything received so far.

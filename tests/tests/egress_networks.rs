@@ -11,8 +11,6 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use volant_services::api::ipam::v1::{CreatePoolRequest, DeletePoolRequest, Pool};
-use volant_services::api::proxy::v1::ListRoutesRequest;
-use volant_services::api::proxy::v1::proxy_client::ProxyClient;
 use volant_services::api::vmm::v1::{CreateVmRequest, InstallPluginRequest};
 use volant_tests::{ControlPlane, hello_manifest, host_and_upstream};
 
@@ -128,16 +126,7 @@ async fn a_vm_never_reaches_a_volant_network_whenever_it_was_made() {
         })
         .await
         .unwrap();
-    let egress = ProxyClient::new(cp.proxyd.channel())
-        .list_routes(ListRoutesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .routes
-        .into_iter()
-        .find(|r| r.vm == "a")
-        .expect("a's route")
-        .egress_socket;
+    let egress = cp.egress_socket("a").await;
 
     // A public subnet: reachable, and a slow answer is under way.
     status_within(&egress, 200, Duration::from_secs(5)).await;

@@ -10,17 +10,25 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use volant_services::api::vmm::v1 as pb;
 
+use crate::metrics;
 use crate::records::{Paths, Plugin, PortForward};
 use crate::vmm::{CreateRequest, Vmm, forward_pb, vm_pb};
 
-/// Runs an operation that changes VMs on its own task, so that it reaches its end (or its
-/// compensation) even when the caller goes away: a dropped saga would leave a VM half made.
+/// Runs operation `name` on its own task, so that it reaches its end (or its compensation)
+/// even when the caller goes away: a dropped saga would leave a VM half made. Its duration and
+/// outcome are recorded.
 async fn to_the_end<T: Send + 'static>(
+    name: &'static str,
     op: impl std::future::Future<Output = crate::error::Result<T>> + Send + 'static,
 ) -> Result<T, Status> {
-    Ok(tokio::spawn(op)
+    let started = std::time::Instant::now();
+    let result = tokio::spawn(op)
         .await
-        .map_err(|e| Status::internal(format!("the operation failed: {e}")))??)
+        .map_err(|e| crate::error::Error::internal(format!("the operation failed: {e}")))
+        .and_then(|r| r);
+    let failed = result.as_ref().err().map(|e| e.kind());
+    metrics::operation(name, started.elapsed(), failed);
+    Ok(result?)
 }
 
 /// The gRPC face of vmmd.
@@ -99,6 +107,7 @@ impl pb::vmm_server::Vmm for VmmService {
         let span = tracing::info_span!("vm.create", vm = %r.name, plugin = %r.plugin);
         let vmm = self.vmm.clone();
         let (vm, notes) = to_the_end(
+            "create",
             async move {
                 vmm.create(CreateRequest {
                     name: r.name,
@@ -145,7 +154,8 @@ impl pb::vmm_server::Vmm for VmmService {
     ) -> Result<Response<pb::DeleteVmResponse>, Status> {
         let r = req.into_inner();
         let vmm = self.vmm.clone();
-        let deleted = to_the_end(async move { vmm.delete(&r.name, r.force).await }).await?;
+        let deleted =
+            to_the_end("delete", async move { vmm.delete(&r.name, r.force).await }).await?;
         Ok(Response::new(pb::DeleteVmResponse { deleted }))
     }
 
@@ -154,7 +164,7 @@ impl pb::vmm_server::Vmm for VmmService {
         req: Request<pb::StartVmRequest>,
     ) -> Result<Response<pb::StartVmResponse>, Status> {
         let (vmm, name) = (self.vmm.clone(), req.into_inner().name);
-        let vm = to_the_end(async move { vmm.start(&name).await }).await?;
+        let vm = to_the_end("start", async move { vmm.start(&name).await }).await?;
         Ok(Response::new(pb::StartVmResponse {
             vm: Some(vm_pb(&vm)),
         }))
@@ -165,7 +175,7 @@ impl pb::vmm_server::Vmm for VmmService {
         req: Request<pb::StopVmRequest>,
     ) -> Result<Response<pb::StopVmResponse>, Status> {
         let (vmm, name) = (self.vmm.clone(), req.into_inner().name);
-        let vm = to_the_end(async move { vmm.stop(&name).await }).await?;
+        let vm = to_the_end("stop", async move { vmm.stop(&name).await }).await?;
         Ok(Response::new(pb::StopVmResponse {
             vm: Some(vm_pb(&vm)),
         }))
@@ -176,7 +186,7 @@ impl pb::vmm_server::Vmm for VmmService {
         req: Request<pb::RestartVmRequest>,
     ) -> Result<Response<pb::RestartVmResponse>, Status> {
         let (vmm, name) = (self.vmm.clone(), req.into_inner().name);
-        let vm = to_the_end(async move { vmm.restart(&name).await }).await?;
+        let vm = to_the_end("restart", async move { vmm.restart(&name).await }).await?;
         Ok(Response::new(pb::RestartVmResponse {
             vm: Some(vm_pb(&vm)),
         }))
@@ -191,8 +201,10 @@ impl pb::vmm_server::Vmm for VmmService {
         let f = PortForward::checked(&f.protocol, f.host_port, f.guest_port)
             .map_err(Status::invalid_argument)?;
         let (vmm, forward) = (self.vmm.clone(), f.clone());
-        let (ip, created) =
-            to_the_end(async move { vmm.add_forward(&r.vm, forward).await }).await?;
+        let (ip, created) = to_the_end("add_port_forward", async move {
+            vmm.add_forward(&r.vm, forward).await
+        })
+        .await?;
         Ok(Response::new(pb::AddPortForwardResponse {
             forward: Some(forward_pb(&f)),
             vm_ip: ip.to_string(),
@@ -206,8 +218,10 @@ impl pb::vmm_server::Vmm for VmmService {
     ) -> Result<Response<pb::RemovePortForwardResponse>, Status> {
         let r = req.into_inner();
         let vmm = self.vmm.clone();
-        to_the_end(async move { vmm.remove_forward(&r.vm, &r.protocol, r.host_port).await })
-            .await?;
+        to_the_end("remove_port_forward", async move {
+            vmm.remove_forward(&r.vm, &r.protocol, r.host_port).await
+        })
+        .await?;
         Ok(Response::new(pb::RemovePortForwardResponse {}))
     }
 
@@ -220,7 +234,7 @@ impl pb::vmm_server::Vmm for VmmService {
             .bridge
             .ok_or_else(|| Status::invalid_argument("bridge: the network is missing"))?;
         let vmm = self.vmm.clone();
-        let (network, created) = to_the_end(async move {
+        let (network, created) = to_the_end("create_network", async move {
             vmm.create_network(bridge, (r.range_start, r.range_end))
                 .await
         })
@@ -237,7 +251,10 @@ impl pb::vmm_server::Vmm for VmmService {
     ) -> Result<Response<pb::UpdateNetworkResponse>, Status> {
         let r = req.into_inner();
         let vmm = self.vmm.clone();
-        let network = to_the_end(async move { vmm.update_network(&r.name, r.nat).await }).await?;
+        let network = to_the_end("update_network", async move {
+            vmm.update_network(&r.name, r.nat).await
+        })
+        .await?;
         Ok(Response::new(pb::UpdateNetworkResponse {
             network: Some(network),
         }))
@@ -249,7 +266,10 @@ impl pb::vmm_server::Vmm for VmmService {
     ) -> Result<Response<pb::DeleteNetworkResponse>, Status> {
         let r = req.into_inner();
         let vmm = self.vmm.clone();
-        to_the_end(async move { vmm.delete_network(&r.name, r.force).await }).await?;
+        to_the_end("delete_network", async move {
+            vmm.delete_network(&r.name, r.force).await
+        })
+        .await?;
         Ok(Response::new(pb::DeleteNetworkResponse {}))
     }
 

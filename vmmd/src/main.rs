@@ -11,6 +11,7 @@ mod initramfs;
 mod jail;
 mod logs;
 mod manifest;
+mod metrics;
 mod peers;
 mod process;
 mod records;
@@ -211,6 +212,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "vmmd.reconcile_interval_secs is {every}; it must be at least 1"
     );
     tokio::spawn(vmm.clone().reconcile_forever(Duration::from_secs(every)));
+    metrics::watch_vms(vmm.clone());
     let (state_dir, run_dir) = (daemon.state_dir.clone(), daemon.run_dir.clone());
     let paths = Box::new(move |name: &str| records::Paths::of(&state_dir, &run_dir, name));
     let service = VmmServer::new(grpc::VmmService::new(vmm, paths));

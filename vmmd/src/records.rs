@@ -33,6 +33,17 @@ pub enum Status {
 }
 
 impl Status {
+    /// Every state, in the order of a VM's life.
+    pub const ALL: [Status; 7] = [
+        Status::Creating,
+        Status::Booting,
+        Status::Running,
+        Status::Stopping,
+        Status::Stopped,
+        Status::Failed,
+        Status::Deleting,
+    ];
+
     /// Whether its hypervisor runs (or is being stopped).
     pub fn up(self) -> bool {
         matches!(self, Status::Booting | Status::Running | Status::Stopping)

@@ -79,15 +79,7 @@ pub fn next(from: Status, event: Event) -> Result<Status, Illegal> {
 mod tests {
     use super::*;
 
-    const STATES: [Status; 7] = [
-        Status::Creating,
-        Status::Booting,
-        Status::Running,
-        Status::Stopping,
-        Status::Stopped,
-        Status::Failed,
-        Status::Deleting,
-    ];
+    const STATES: [Status; 7] = Status::ALL;
     const EVENTS: [Event; 7] = [
         Event::Launched,
         Event::Ready,

@@ -10,10 +10,11 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use http::StatusCode;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
+use tracing::Instrument;
 use volant_services::daemon::Io;
 
 use super::metered::Metered;
-use super::{Ask, Denial, Egress, Kind, Target, allowed, answer, closed, count, deny};
+use super::{Ask, Denial, Egress, Kind, Passed, Target, answer, closed, deny};
 use crate::routes::{Policy, Vm};
 use crate::rules::Host;
 use crate::splice::{Activity, Buf, Sink, Socket, Source, Stream};
@@ -23,7 +24,7 @@ use crate::wire::{self, Framing};
 const MAX_ANSWER_HEAD: usize = 64 * 1024;
 
 impl Egress {
-    /// Sends `ask` on to `target` and relays the answer; returns whether the guest's connection
+    /// Sends `ask` on to where it `passed` to and relays the answer; returns whether the guest's connection
     /// goes on.
     pub(super) async fn forward(
         &self,
@@ -31,14 +32,18 @@ impl Egress {
         buf: &mut Buf,
         vm: &Arc<Vm>,
         ask: &Ask,
-        target: &Target,
+        passed: Passed,
         policy_rx: &mut watch::Receiver<Option<Arc<Policy>>>,
     ) -> bool {
+        let (target, mut decision) = (&passed.target, passed.decision);
         let activity = Arc::new(Activity::default());
         let answered = AtomicBool::new(false);
         let exchange = async {
-            let up = self.open(vm, target, ask.kind, &activity).await?;
-            allowed(vm, target);
+            let up = self
+                .open(vm, target, ask.kind, &activity)
+                .instrument(decision.span())
+                .await?;
+            decision.allow(vm, target);
             self.exchange(guest, buf, up, ask, &target.host, &answered)
                 .await
                 .map_err(|m| deny(StatusCode::BAD_GATEWAY, "upstream failed", m))
@@ -72,7 +77,7 @@ impl Egress {
             // Let through already; what failed is the upstream, not a rule.
             tracing::info!(vm = %vm.name, target = %asked, status = failure.status.as_u16(), "egress: {}", failure.message);
         } else {
-            count(vm, &asked, &failure);
+            decision.refuse(vm, &asked, &failure);
         }
         answer(guest, failure).await;
         false

@@ -31,6 +31,7 @@ use crate::rules::{Host, forbidden, normalise};
 use crate::splice::{Buf, Socket};
 use crate::stats::Verdict;
 use crate::wire::{self, Refusal};
+use tracing::Instrument;
 
 /// The longest request head, and the buffer a ClientHello is read into.
 const MAX_HEAD: usize = 64 * 1024;
@@ -58,6 +59,13 @@ struct Target {
     host: Host,
     port: u16,
     addr: SocketAddr,
+}
+
+/// A request the rules let through: where it goes, and its decision, still to be closed by
+/// what dialling it brings.
+struct Passed {
+    target: Target,
+    decision: Decision,
 }
 
 /// A refusal: the status, the verdict and reason counted in the stats, and the message for
@@ -210,8 +218,9 @@ impl Egress {
                 }
             };
             buf.consume(ask.len);
+            let mut decision = Decision::new(vm, &ask);
             let Some(policy) = vm.policy() else { return };
-            let decided = match self.decide(&ask, &policy).await {
+            let decided = match self.decide(&ask, &policy).instrument(decision.span()).await {
                 Ok(target) => vm
                     .upstreams
                     .clone()
@@ -232,15 +241,16 @@ impl Egress {
                 Ok(d) => d,
                 Err(d) => {
                     let asked = format!("{}:{}", ask.host, ask.port);
-                    refuse(&guest, vm, &asked, d).await;
+                    refuse(&guest, &mut decision, vm, &asked, d).await;
                     return;
                 }
             };
             // Boxed: an idle connection's task stays small.
+            let passed = Passed { target, decision };
             if ask.kind == Kind::Connect {
-                return Box::pin(self.tunnel(guest, buf, vm, target, policy_rx)).await;
+                return Box::pin(self.tunnel(guest, buf, vm, passed, policy_rx)).await;
             }
-            if !Box::pin(self.forward(&guest, &mut buf, vm, &ask, &target, &mut policy_rx)).await {
+            if !Box::pin(self.forward(&guest, &mut buf, vm, &ask, passed, &mut policy_rx)).await {
                 return;
             }
         }
@@ -380,8 +390,8 @@ async fn next_ask(guest: &Socket, buf: &mut Buf) -> Result<Option<Ask>, Refusal>
 }
 
 /// Counts, logs and answers a refusal; the connection then closes.
-async fn refuse(guest: &Socket, vm: &Vm, asked: &str, d: Denial) {
-    count(vm, asked, &d);
+async fn refuse(guest: &Socket, decision: &mut Decision, vm: &Vm, asked: &str, d: Denial) {
+    decision.refuse(vm, asked, &d);
     answer(guest, d).await;
 }
 
@@ -397,16 +407,49 @@ async fn answer(guest: &Socket, d: Denial) {
         .await;
 }
 
-/// Counts and logs a decision that was not to let through.
-fn count(vm: &Vm, asked: &str, d: &Denial) {
-    vm.stats.decided(d.verdict, d.reason);
-    tracing::info!(vm = %vm.name, target = %asked, verdict = ?d.verdict, reason = d.reason, "egress: {}", d.message);
-}
+/// One egress decision: counted and logged, and traced as a span of its own (`egress.decision`)
+/// from the request's head to its verdict.
+struct Decision(Option<tracing::Span>);
 
-/// Logs and counts a connection let through.
-fn allowed(vm: &Vm, target: &Target) {
-    vm.stats.decided(Verdict::Allow, "allowed");
-    tracing::info!(vm = %vm.name, host = %target.host, port = target.port, address = %target.addr, verdict = "allow", reason = "allowed", "egress");
+impl Decision {
+    fn new(vm: &Vm, ask: &Ask) -> Decision {
+        Decision(Some(tracing::info_span!(
+            "egress.decision",
+            vm = %vm.name,
+            server.address = %ask.host,
+            server.port = ask.port,
+            http.request.method = volant_services::metrics::http_method(&ask.method),
+            volant.decision = tracing::field::Empty,
+            volant.reason = tracing::field::Empty,
+        )))
+    }
+
+    /// The span, while it is open.
+    fn span(&self) -> tracing::Span {
+        self.0.clone().unwrap_or_else(tracing::Span::none)
+    }
+
+    /// Records the verdict on the span, which ends.
+    fn close(&mut self, verdict: Verdict, reason: &'static str) -> tracing::Span {
+        let span = self.0.take().unwrap_or_else(tracing::Span::none);
+        span.record("volant.decision", crate::metrics::verdict(verdict));
+        span.record("volant.reason", reason);
+        span
+    }
+
+    /// Counts and logs a decision that was not to let through.
+    fn refuse(&mut self, vm: &Vm, asked: &str, d: &Denial) {
+        vm.stats.decided(d.verdict, d.reason);
+        let span = self.close(d.verdict, d.reason);
+        tracing::info!(parent: &span, vm = %vm.name, target = %asked, verdict = ?d.verdict, reason = d.reason, "egress: {}", d.message);
+    }
+
+    /// Counts and logs a connection let through.
+    fn allow(&mut self, vm: &Vm, target: &Target) {
+        vm.stats.decided(Verdict::Allow, "allowed");
+        let span = self.close(Verdict::Allow, "allowed");
+        tracing::info!(parent: &span, vm = %vm.name, host = %target.host, port = target.port, address = %target.addr, verdict = "allow", reason = "allowed", "egress");
+    }
 }
 
 /// Counts and logs a connection closed because its target is no longer allowed.

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tracing::Instrument;
 
-use super::{Denial, Egress, Target, allowed, closed, count, deny};
+use super::{Denial, Egress, Passed, closed, deny};
 use crate::routes::{Policy, Vm};
 use crate::rules::{Host, normalise};
 use crate::splice::{Buf, Socket, both_ways};
@@ -23,9 +24,10 @@ impl Egress {
         guest: Socket,
         mut buf: Buf,
         vm: &Arc<Vm>,
-        target: Target,
+        passed: Passed,
         mut policy_rx: watch::Receiver<Option<Arc<Policy>>>,
     ) {
+        let (target, mut decision) = (passed.target, passed.decision);
         if guest
             .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
             .await
@@ -52,7 +54,8 @@ impl Egress {
                 ));
             }
             self.dial(&target).await
-        };
+        }
+        .instrument(decision.span());
         let tcp = tokio::select! {
             r = checked => r,
             d = self.revoked(&mut policy_rx, &target) => Err(d),
@@ -67,9 +70,10 @@ impl Egress {
             })
         }) {
             Ok(t) => t,
-            Err(d) => return count(vm, &format!("{}:{}", target.host, target.port), &d),
+            Err(d) => return decision.refuse(vm, &format!("{}:{}", target.host, target.port), &d),
         };
-        allowed(vm, &target);
+        decision.allow(vm, &target);
+        let _open = crate::metrics::Tunnel::open();
         let carried = async {
             tcp.write_all(buf.bytes()).await?;
             let early = vm.carried(true, buf.bytes().len());

@@ -159,12 +159,14 @@ impl Vmm {
                 // that the same create succeeds once the cause is fixed. A hypervisor that could
                 // not start keeps a failed VM that says why.
                 if e.refusal() && leftover.is_none() {
+                    crate::metrics::compensated(Some(e.kind()), "undone");
                     self.forget(&req.name).await?;
                     return Err(Error::new(
                         e.kind(),
                         format!("{why}; nothing of vm {:?} was kept", req.name),
                     ));
                 }
+                crate::metrics::compensated(Some(e.kind()), "failed");
                 let (_, seq) = self.transition(&req.name, Event::Failed, |r| {
                     r.error = why.clone();
                 })?;

@@ -389,4 +389,9 @@ impl Vmm {
     pub fn list(&self) -> Vec<VmRecord> {
         lock(&self.vms).values().cloned().collect()
     }
+
+    /// Every VM's status.
+    pub fn statuses(&self) -> Vec<VmStatus> {
+        lock(&self.vms).values().map(|r| r.status).collect()
+    }
 }

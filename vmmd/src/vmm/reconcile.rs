@@ -12,6 +12,7 @@ impl Vmm {
                 VmStatus::Creating => {
                     tracing::warn!(vm = %rec.name, "vmmd stopped while creating it: undoing");
                     self.tear_down(&rec.name, true).await;
+                    crate::metrics::compensated(None, "restart");
                     if let Ok((_, seq)) = self.transition(&rec.name, Event::Failed, |r| {
                         r.error = "vmmd stopped while creating this VM".into();
                     }) {
@@ -227,7 +228,11 @@ impl Vmm {
             let (_vm, rec) = self.current(vm).await;
             if !rec.is_some_and(|r| vsock(&r)) {
                 tracing::warn!(%vm, "removing a proxy route no VM holds");
-                repairs.note(vm, self.peers.unregister_route(vm).await);
+                repairs.note(
+                    vm,
+                    "route.unregister",
+                    self.peers.unregister_route(vm).await,
+                );
             }
         }
         for rec in self.list() {
@@ -240,6 +245,7 @@ impl Vmm {
                 let route = self.route(&rec);
                 repairs.note(
                     &rec.name,
+                    "route.register",
                     async { self.peers.register_route(route?).await }.await,
                 );
             }
@@ -270,7 +276,7 @@ impl Vmm {
             let (_vm, rec) = self.current(vm).await;
             if !rec.is_some_and(|r| holds_lease(&r, pool, ip)) {
                 tracing::warn!(%vm, %ip, %pool, "releasing a lease no VM holds");
-                repairs.note(vm, self.peers.release(pool, ip).await);
+                repairs.note(vm, "lease.release", self.peers.release(pool, ip).await);
             }
         }
         let holds_tap = |r: &VmRecord, tap: &str| r.status == VmStatus::Creating || r.tap == tap;
@@ -281,7 +287,7 @@ impl Vmm {
             let (_vm, rec) = self.current(vm).await;
             if !rec.is_some_and(|r| holds_tap(&r, tap)) {
                 tracing::warn!(%vm, %tap, "deleting a TAP no VM holds");
-                repairs.note(vm, self.peers.delete_tap(vm).await);
+                repairs.note(vm, "tap.delete", self.peers.delete_tap(vm).await);
             }
         }
         for f in &forwards {
@@ -295,7 +301,7 @@ impl Vmm {
                     .peers
                     .remove_forward(&f.vm, &f.protocol, f.host_port)
                     .await;
-                repairs.note(&f.vm, removed);
+                repairs.note(&f.vm, "forward.remove", removed);
             }
         }
         for rec in self.list() {
@@ -306,7 +312,7 @@ impl Vmm {
             for f in rec.as_ref().map(wanted).unwrap_or_default() {
                 if !forwards.contains(&f) {
                     tracing::warn!(vm = %f.vm, port = f.host_port, "making a port forward netd lacks");
-                    repairs.note(&f.vm, self.peers.add_forward(&f).await);
+                    repairs.note(&f.vm, "forward.add", self.peers.add_forward(&f).await);
                 }
             }
         }
@@ -336,7 +342,8 @@ struct Repairs {
 }
 
 impl Repairs {
-    fn note(&mut self, vm: &str, result: Result<()>) {
+    fn note(&mut self, vm: &str, repair: &'static str, result: Result<()>) {
+        crate::metrics::repaired(repair, result.is_ok());
         if let Err(e) = result {
             tracing::warn!(%vm, "repairing: {e}");
             self.failed.push((vm.to_string(), e));
