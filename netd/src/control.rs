@@ -411,6 +411,39 @@ impl Netd {
         result.map(|()| true)
     }
 
+    /// Takes out of the kernel everything netd made (TAPs, its bridges, its rules, the
+    /// anti-spoofing table) and restores forwarding as it was, keeping the records: the next
+    /// start makes it all again. For after serving has stopped.
+    pub async fn withdraw(&self) -> Result<()> {
+        let _gate = self.gate.write().await;
+        let d = self.lock().await;
+        let mut done = Vec::new();
+        let result = async {
+            for t in d.taps.values() {
+                self.kernel.remove_tap(&t.name, &mut done).await?;
+            }
+            self.kernel.reap_now().await?;
+            self.kernel.sync_guard(None, true, true, &mut done).await?;
+            self.kernel
+                .sync_rules(&Desired::default(), &mut done)
+                .await?;
+            for name in d.networks.keys() {
+                self.kernel.remove_network(name, &mut done).await?;
+            }
+            let mut none = Desired {
+                forwarding_before: d.forwarding_before,
+                ..Desired::default()
+            };
+            self.kernel
+                .sync_forwarding(&mut none, &mut done)
+                .map(|_| ())
+        }
+        .await
+        .map_err(failed);
+        self.log(&done);
+        result
+    }
+
     /// Writes the anti-spoofing set for the TAPs as recorded now, after a TAP change the
     /// caller has recorded. Concurrent callers share one write: whoever writes takes the
     /// record as it is then, which holds every change asked for before.

@@ -332,6 +332,11 @@ impl Kernel {
         Ok(())
     }
 
+    /// Deletes the retired TAPs now, not after the reaper's delay.
+    pub async fn reap_now(&self) -> Result<(), String> {
+        self.links.delete_group(RETIRED_GROUP).await
+    }
+
     /// Makes netd's chains hold exactly the rules `desired` calls for; with no network at all,
     /// removes the chains and their jumps.
     pub async fn sync_rules(

@@ -15,18 +15,28 @@ use volant_services::daemon::{self, Daemon, DaemonArgs, Services};
 struct Args {
     #[command(flatten)]
     daemon: DaemonArgs,
+    /// On SIGTERM, take out of the kernel everything netd made and keep only its records
+    /// [default: the config's netd.withdraw_on_exit, false]
+    #[arg(long)]
+    withdraw_on_exit: bool,
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let daemon = Daemon::start("netd", args.daemon)?;
+    let withdraw = args.withdraw_on_exit || daemon.config.netd.withdraw_on_exit;
     let store = desired::Store::open(&daemon.state_dir).map_err(anyhow::Error::msg)?;
     let kernel = kernel::Kernel::connect().map_err(anyhow::Error::msg)?;
     let mut netd = netd::control::Netd::open(store, kernel)?;
     netd.start(&daemon.config.networking.bridge).await?;
     let netd = Arc::new(netd);
     metrics::watch_taps(netd.clone());
-    let service = NetServer::new(grpc::NetService::new(netd));
-    daemon.serve(Services::default().with(service)).await
+    let service = NetServer::new(grpc::NetService::new(netd.clone()));
+    daemon.serve(Services::default().with(service)).await?;
+    if withdraw {
+        netd.withdraw().await?;
+        tracing::info!("withdrew every network from the kernel; the records stay");
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {

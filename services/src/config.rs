@@ -29,7 +29,7 @@ pub struct Config {
     /// ipamd's own section.
     pub ipamd: ServiceConfig,
     /// netd's own section.
-    pub netd: ServiceConfig,
+    pub netd: NetdConfig,
     /// vmmd's own section.
     pub vmmd: VmmdConfig,
     /// The gateway's own section.
@@ -118,6 +118,23 @@ pub struct ServiceConfig {
     pub listen: Option<Addr>,
     /// Where to serve Prometheus metrics (`GET /metrics`) [default: not served].
     pub metrics_listen: Option<Addr>,
+}
+
+/// netd's section.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetdConfig {
+    /// The state directory.
+    pub state_dir: Option<PathBuf>,
+    /// The listen address.
+    pub listen: Option<Addr>,
+    /// Where to serve Prometheus metrics (`GET /metrics`) [default: not served].
+    pub metrics_listen: Option<Addr>,
+    /// On SIGTERM, take out of the kernel everything netd made (TAPs, bridges, rules,
+    /// forwarding) and keep only its records, which the next start makes real again: for
+    /// containers, whose host changes should last only while they run [default: false, the
+    /// network outlives netd's restarts].
+    pub withdraw_on_exit: bool,
 }
 
 /// vmmd's section: where it lives, and how it runs hypervisors.
@@ -314,7 +331,11 @@ impl Config {
     pub fn section(&self, name: &str) -> Option<ServiceConfig> {
         match name {
             "ipamd" => Some(self.ipamd.clone()),
-            "netd" => Some(self.netd.clone()),
+            "netd" => Some(ServiceConfig {
+                state_dir: self.netd.state_dir.clone(),
+                listen: self.netd.listen.clone(),
+                metrics_listen: self.netd.metrics_listen.clone(),
+            }),
             "gateway" => Some(ServiceConfig {
                 state_dir: self.gateway.state_dir.clone(),
                 listen: self.gateway.listen.clone(),

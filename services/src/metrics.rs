@@ -1,6 +1,7 @@
 //! Metrics through OpenTelemetry: exported over OTLP/gRPC beside the spans when the standard
-//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`) is set, every
-//! `OTEL_METRIC_EXPORT_INTERVAL` ms (default 60 s), and served in Prometheus' text format at
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`) is set and
+//! `OTEL_METRICS_EXPORTER` is unset or `otlp`, every `OTEL_METRIC_EXPORT_INTERVAL` ms (default
+//! 60 s), and served in Prometheus' text format at
 //! `GET /metrics` on a service's `metrics_listen` address when one is configured.
 //!
 //! Services record through [`meter`]; instruments made before [`Metrics::init`] record nothing.
@@ -85,12 +86,6 @@ impl MetricReader for Scrape {
     }
 }
 
-fn export_requested() -> bool {
-    let set = |k: &str| std::env::var(k).is_ok_and(|v| !v.trim().is_empty());
-    let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"));
-    !disabled && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"))
-}
-
 impl Metrics {
     /// Installs the global meter provider of service `service`: exporting over OTLP when the
     /// environment asks for it, scraped by [`Metrics::serve`] when `prometheus`. Must be called
@@ -101,7 +96,7 @@ impl Metrics {
             resource = resource.with_service_name(service);
         }
         let mut builder = SdkMeterProvider::builder().with_resource(resource.build());
-        if export_requested() {
+        if crate::telemetry::otlp_requested("METRICS") {
             let exporter = opentelemetry_otlp::MetricExporter::builder()
                 .with_tonic()
                 .build()?;

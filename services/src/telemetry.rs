@@ -26,11 +26,16 @@ pub struct Telemetry {
     provider: SdkTracerProvider,
 }
 
-/// Whether the environment asks for spans to be exported.
-fn export_requested() -> bool {
-    let set = |k: &str| std::env::var(k).is_ok_and(|v| !v.trim().is_empty());
-    let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"));
-    !disabled && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+/// Whether the environment asks for `signal` (`TRACES`, `METRICS`) to be exported over OTLP: an
+/// endpoint set (`OTEL_EXPORTER_OTLP_ENDPOINT` or the signal's own), the SDK not disabled, and
+/// `OTEL_<signal>_EXPORTER` unset or `otlp`.
+pub(crate) fn otlp_requested(signal: &str) -> bool {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    let disabled = var("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let exporter = var(&format!("OTEL_{signal}_EXPORTER")).unwrap_or_else(|| "otlp".into());
+    let endpoint = var("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
+        || var(&format!("OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")).is_some();
+    !disabled && exporter == "otlp" && endpoint
 }
 
 /// The tracer provider of service `service`: exporting in batches over OTLP/gRPC when asked to,
@@ -41,7 +46,7 @@ pub fn tracer_provider(service: &'static str) -> anyhow::Result<SdkTracerProvide
         resource = resource.with_service_name(service);
     }
     let mut builder = SdkTracerProvider::builder().with_resource(resource.build());
-    if export_requested() {
+    if otlp_requested("TRACES") {
         if let Ok(p) = std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL")
             && p != "grpc"
         {

@@ -465,6 +465,15 @@ impl Netns {
         ns
     }
 
+    /// The names of the namespace's network interfaces.
+    pub fn links(&self) -> std::collections::BTreeSet<String> {
+        self.sh("ip -o link show")
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .collect()
+    }
+
     /// Runs a shell command inside the namespace; panics with its output when it fails.
     pub fn sh(&self, script: &str) -> String {
         sh(&format!(

@@ -33,14 +33,6 @@ struct Lab {
     host: Netns,
 }
 
-fn links(ns: &Netns) -> BTreeSet<String> {
-    ns.sh("ip -o link show")
-        .lines()
-        .filter_map(|l| l.split(": ").nth(1))
-        .map(|n| n.split('@').next().unwrap_or(n).to_string())
-        .collect()
-}
-
 async fn lab() -> Lab {
     let root = tempfile::tempdir().unwrap();
     let (host, up) = host_and_upstream();
@@ -50,7 +42,7 @@ async fn lab() -> Lab {
     // A new namespace inherits the host's forwarding (Docker's hosts have it on): the lab sets
     // its own, so that what netd restores is known.
     host.sh("sysctl -qw net.ipv4.ip_forward=0");
-    let pristine = (firewall_save(&host), links(&host));
+    let pristine = (firewall_save(&host), host.links());
     let netd = Daemon::start_in(Some(&host), "netd", root.path(), &[]).await;
     let client = NetClient::new(netd.channel());
     Lab {
@@ -306,7 +298,7 @@ async fn taps_are_persistent_vnet_hdr_taps_on_the_bridge_and_touch_no_rule() {
             .unwrap();
     }
     assert!(
-        links(&lab.host).contains(&names[1]),
+        lab.host.links().contains(&names[1]),
         "another VM's TAP was removed"
     );
     // Owned by netd's user (root here): no other local user can attach to it.
@@ -352,7 +344,7 @@ async fn taps_are_persistent_vnet_hdr_taps_on_the_bridge_and_touch_no_rule() {
     // The TAPs survive a crash of netd, and a stray TAP with netd's prefix does not.
     lab.host.sh("ip tuntap add dev vmtap-stray mode tap");
     lab.restart(true).await;
-    let present = links(&lab.host);
+    let present = lab.host.links();
     assert!(present.contains("vmtap-web") && present.contains(&names[1]));
     assert!(
         !present.contains("vmtap-stray"),
@@ -378,7 +370,7 @@ async fn taps_are_persistent_vnet_hdr_taps_on_the_bridge_and_touch_no_rule() {
     // entries in the anti-spoofing set go right after the answer.
     until_guests(&lab.host, BTreeSet::new()).await;
     assert_eq!(lab.reconcile().await, Vec::<String>::new());
-    assert!(!links(&lab.host).iter().any(|l| l.starts_with("vmtap-")));
+    assert!(!lab.host.links().iter().any(|l| l.starts_with("vmtap-")));
     assert_eq!(firewall_save(&lab.host), rules, "TAPs touched iptables");
 
     let err = lab
@@ -613,7 +605,9 @@ async fn kill_9_in_the_middle_of_calls_converges_on_restart() {
             .map(|t| format!("\"{}\" . {} . {}", t.name, t.mac, t.ip))
             .collect();
         assert_eq!(guests(&lab.host), passing, "round {round}");
-        let devices: BTreeSet<String> = links(&lab.host)
+        let devices: BTreeSet<String> = lab
+            .host
+            .links()
             .into_iter()
             .filter(|l| l.starts_with("vmtap-"))
             .collect();
@@ -658,7 +652,7 @@ async fn kill_9_in_the_middle_of_calls_converges_on_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_networks_leaves_nothing_behind() {
     let mut lab = lab().await;
-    let with_default = (firewall_save(&lab.host), links(&lab.host));
+    let with_default = (firewall_save(&lab.host), lab.host.links());
     lab.client
         .ensure_network(net("volant1", "192.168.128.0/24", "192.168.128.254"))
         .await
@@ -694,7 +688,7 @@ async fn deleting_networks_leaves_nothing_behind() {
         .into_inner()
         .deleted;
     assert!(deleted);
-    assert_eq!((firewall_save(&lab.host), links(&lab.host)), with_default);
+    assert_eq!((firewall_save(&lab.host), lab.host.links()), with_default);
 
     let err = lab
         .client
@@ -716,7 +710,7 @@ async fn deleting_networks_leaves_nothing_behind() {
         })
         .await
         .unwrap();
-    assert_eq!((firewall_save(&lab.host), links(&lab.host)), lab.pristine);
+    assert_eq!((firewall_save(&lab.host), lab.host.links()), lab.pristine);
     assert_eq!(
         lab.host.sh("cat /proc/sys/net/ipv4/ip_forward").trim(),
         "0",
@@ -746,7 +740,7 @@ async fn bad_input_is_refused_with_a_reason_and_changes_nothing() {
         .add_port_forward(forward(8080, "tcp", "192.168.127.100", 80))
         .await
         .unwrap();
-    let snapshot = |lab: &Lab| (firewall_save(&lab.host), links(&lab.host));
+    let snapshot = |lab: &Lab| (firewall_save(&lab.host), lab.host.links());
     let before = snapshot(&lab);
     let nets_before = lab
         .client
@@ -1105,4 +1099,65 @@ async fn a_guest_sends_only_from_its_own_mac_and_leased_address() {
         .await
         .unwrap();
     until_guests(&lab.host, BTreeSet::new()).await;
+}
+
+/// With `--withdraw-on-exit` (as the compose stack runs it) SIGTERM leaves the namespace as it
+/// was before netd first started, forwarding included; the next start makes every network, TAP
+/// and forward again from the records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn withdrawing_on_exit_leaves_nothing_until_the_next_start() {
+    let root = tempfile::tempdir().unwrap();
+    let (host, _up) = host_and_upstream();
+    host.sh("sysctl -qw net.ipv4.ip_forward=0");
+    // An operator's own rules, which netd must leave as they are.
+    host.sh("iptables -A FORWARD -s 10.98.0.0/16 -j ACCEPT && \
+         iptables -t nat -A POSTROUTING -s 10.98.0.0/16 -o up0 -j MASQUERADE");
+    let pristine = (firewall_save(&host), host.links());
+    let args = ["--withdraw-on-exit"];
+    let mut netd = Daemon::start_in(Some(&host), "netd", root.path(), &args).await;
+    let mut client = NetClient::new(netd.channel());
+    client
+        .ensure_network(net("volant1", "192.168.128.0/24", "192.168.128.254"))
+        .await
+        .unwrap();
+    client
+        .create_tap(tap("volant1", "db", "192.168.128.100"))
+        .await
+        .unwrap();
+    client
+        .add_port_forward(forward(5432, "tcp", "192.168.128.100", 5432))
+        .await
+        .unwrap();
+    let made = (firewall_save(&host), host.links());
+    assert_ne!(made, pristine);
+    let forwarding = || {
+        host.sh("cat /proc/sys/net/ipv4/ip_forward")
+            .trim()
+            .to_string()
+    };
+    assert_eq!(forwarding(), "1");
+
+    for round in 0..2 {
+        assert!(netd.terminate().success(), "SIGTERM exit status");
+        assert_eq!(
+            (firewall_save(&host), host.links()),
+            pristine,
+            "round {round}"
+        );
+        assert_eq!(forwarding(), "0", "restored to the lab's value");
+        netd.restart().await;
+        client = NetClient::new(netd.channel());
+        assert_eq!((firewall_save(&host), host.links()), made, "round {round}");
+        assert_eq!(forwarding(), "1");
+    }
+    let taps = client
+        .list_taps(ListTapsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .taps;
+    assert_eq!(taps.len(), 1, "the records stayed: {taps:?}");
+    drop(client);
+    assert!(netd.terminate().success());
+    assert_eq!((firewall_save(&host), host.links()), pristine);
 }
