@@ -174,10 +174,43 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
             )));
         }
         let req = Request::from_parts(parts, axum::body::Body::from(kept));
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(Body(v)),
-            Err(r) => Err(json_rejection(r)),
+        let value = match axum::Json::<serde_json::Value>::from_request(req, state).await {
+            Ok(axum::Json(v)) => integral(v),
+            Err(r) => return Err(json_rejection(r)),
+        };
+        serde_path_to_error::deserialize(value)
+            .map(Body)
+            .map_err(|e| {
+                let at = e.path().to_string();
+                let at = if at == "." {
+                    String::new()
+                } else {
+                    format!("{at}: ")
+                };
+                ApiError::bad_request(format!("invalid request body: {at}{}", e.inner()))
+            })
+    }
+}
+
+/// `v` with every number that has no fraction as an integer: JSON has one number type, and
+/// `2.0` is the integer 2 for JSON Schema (and for any client that writes it so).
+fn integral(v: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            let whole = f.fract() == 0.0;
+            if whole && (0.0..=u64::MAX as f64).contains(&f) && f < u64::MAX as f64 {
+                Value::from(f as u64)
+            } else if whole && f >= i64::MIN as f64 && f < 0.0 {
+                Value::from(f as i64)
+            } else {
+                Value::Number(n)
+            }
         }
+        Value::Array(a) => Value::Array(a.into_iter().map(integral).collect()),
+        Value::Object(o) => Value::Object(o.into_iter().map(|(k, v)| (k, integral(v))).collect()),
+        other => other,
     }
 }
 
@@ -254,5 +287,16 @@ mod tests {
             assert_eq!(e.status.as_u16(), status, "{code:?}");
             assert_eq!(e.details["code"], name);
         }
+    }
+
+    #[test]
+    fn whole_numbers_become_integers_and_nothing_else_changes() {
+        use serde_json::json;
+        let v = integral(json!({"a": 49.0, "b": [1.5, -2.0, 0.0], "c": 1e300, "d": "7.0", "e": 3}));
+        assert_eq!(
+            v,
+            json!({"a": 49, "b": [1.5, -2, 0], "c": 1e300, "d": "7.0", "e": 3})
+        );
+        assert!(v["a"].is_u64() && v["b"][1].is_i64());
     }
 }

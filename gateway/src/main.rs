@@ -7,6 +7,7 @@ mod ingress;
 mod known;
 mod model;
 mod networks;
+mod openapi;
 mod peers;
 mod plugins;
 mod proxy;

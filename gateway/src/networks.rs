@@ -15,6 +15,7 @@ use crate::vms::Force;
 
 /// `?network=`.
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ByNetwork {
     /// Only this network's leases.
@@ -166,6 +167,11 @@ pub async fn leases(
     State(p): State<Peers>,
     Query(q): Query<ByNetwork>,
 ) -> Result<List<Lease>, ApiError> {
+    if q.network.as_deref() == Some("") {
+        return Err(ApiError::bad_request(
+            "network= names no network; leave it out for every network's leases",
+        ));
+    }
     let r = ipam::ListLeasesRequest {
         pool: q.network.unwrap_or_default(),
         vm: String::new(),

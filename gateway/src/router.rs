@@ -17,7 +17,7 @@ use volant_services::metrics;
 use crate::doors::{self, Doors};
 use crate::error::ApiError;
 use crate::peers::{self, Peers};
-use crate::{networks, plugins, proxy, system, vms};
+use crate::{networks, openapi, plugins, proxy, system, vms};
 
 /// The largest request body accepted.
 pub const BODY_LIMIT: usize = 1 << 20;
@@ -135,36 +135,6 @@ async fn method_not_allowed(req: Request, next: Next) -> Response {
     res
 }
 
-/// The plugin manifest's JSON Schema (draft 2020-12), served as it is.
-const MANIFEST_SCHEMA: &str = include_str!("manifest.schema.json");
-
-/// The OpenAPI document `doc` with the manifest's schema as the body of `POST /api/v1/plugins`
-/// and the schema's own path.
-fn with_manifest(doc: String) -> String {
-    let mut doc: serde_json::Value = serde_json::from_str(&doc).expect("the document is JSON");
-    let mut schema: serde_json::Value =
-        serde_json::from_str(MANIFEST_SCHEMA).expect("the manifest's schema is JSON");
-    if let Some(s) = schema.as_object_mut() {
-        s.remove("$schema");
-        s.remove("$id");
-    }
-    doc["components"]["schemas"]["Manifest"] = schema;
-    doc["paths"]["/api/v1/plugins"]["post"]["requestBody"]["content"]["application/json"]["schema"] =
-        serde_json::json!({ "$ref": "#/components/schemas/Manifest" });
-    doc["paths"]["/api/v1/schemas/manifest.json"] = serde_json::json!({
-        "get": {
-            "tags": ["plugins"],
-            "summary": "The plugin manifest's JSON Schema (draft 2020-12).",
-            "operationId": "manifest_schema",
-            "responses": { "200": {
-                "description": "The schema.",
-                "content": { "application/schema+json": { "schema": { "type": "object" } } }
-            } }
-        }
-    });
-    doc.to_string()
-}
-
 /// The gateway's router over `peers`, behind `doors`.
 pub fn router(peers: Peers, doors: Arc<Doors>) -> Router {
     let (routes, api) = OpenApiRouter::with_openapi(Doc::openapi())
@@ -184,14 +154,14 @@ pub fn router(peers: Peers, doors: Arc<Doors>) -> Router {
         .routes(routes!(plugins::list, plugins::install))
         .routes(routes!(plugins::get, plugins::remove))
         .split_for_parts();
-    let doc = with_manifest(api.to_json().expect("the OpenAPI document serializes"));
+    let doc = openapi::complete(api.to_json().expect("the OpenAPI document serializes"));
     routes
         .route(
             "/api/v1/schemas/manifest.json",
             axum::routing::get(|| async {
                 (
                     [(axum::http::header::CONTENT_TYPE, "application/schema+json")],
-                    MANIFEST_SCHEMA,
+                    openapi::MANIFEST_SCHEMA,
                 )
             }),
         )

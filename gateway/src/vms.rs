@@ -15,6 +15,7 @@ use crate::peers::{LIFECYCLE, Peers, READ, WRITE, open_stream, req};
 
 /// `?force=`.
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct Force {
     /// Remove whatever is left even when a step fails.
@@ -24,6 +25,7 @@ pub struct Force {
 
 /// `?follow=`.
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct Follow {
     /// Keep streaming new output.
@@ -36,6 +38,7 @@ pub struct Follow {
 
 /// `?protocol=`.
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct Protocol {
     /// `tcp` or `udp` [default: tcp].

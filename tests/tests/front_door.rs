@@ -976,3 +976,65 @@ async fn bad_input_gets_a_400_that_names_the_problem_at_every_endpoint() {
     );
     fd.check_contract(2);
 }
+
+/// Schemathesis (PyPI, pinned) against the document the gateway serves, for a bounded time:
+/// positive and negative data, examples, coverage, fuzzing and stateful phases, every check.
+/// No answer may be a 5xx or off the document. The proxy route is left out: what it answers
+/// is the workload's (the document says so with its `default` answer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_no_server_error_and_nothing_off_the_document() {
+    let fd = front_door().await;
+    let (_, doc) = fd.curl("GET", "/openapi.json", None, false);
+    let doc: Value = serde_json::from_str(&doc).unwrap();
+    let mut ids = std::collections::BTreeSet::new();
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            let id = op["operationId"].as_str().unwrap();
+            assert!(ids.insert(id.to_string()), "operationId {id} twice");
+            for (status, answer) in op["responses"].as_object().unwrap() {
+                assert!(
+                    answer["description"].is_string(),
+                    "{method} {path} {status} has no description"
+                );
+            }
+            for p in op["parameters"].as_array().into_iter().flatten() {
+                assert!(p["schema"].is_object(), "{method} {path}: {p}");
+            }
+        }
+    }
+    let events = &doc["paths"]["/api/v1/events"]["get"]["responses"]["200"];
+    assert!(
+        events["description"]
+            .as_str()
+            .unwrap()
+            .contains("event: vm"),
+        "{events}"
+    );
+    let installed = fd.volar(&["plugins", "install", "--manifest", &manifest_file(&fd)]);
+    assert!(installed.ok, "{}", installed.err);
+    let interop = std::path::PathBuf::from(std::env::var_os("VOLANT_INTEROP").expect("tests/run"));
+    let report = fd.cp.root.path().join("schemathesis.xml");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &fd.cp.host.name])
+        .arg(interop.join("venv/bin/schemathesis"))
+        .arg("--config-file")
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemathesis.toml"))
+        .args(["run", "http://127.0.0.1:8080/api/v1/openapi.json"])
+        .args(["--checks", "all", "--mode", "all", "--max-time", "90"])
+        .args(["--exclude-path-regex", "/proxy"])
+        .args(["--seed", "1", "--no-color", "--workers", "2"])
+        .args(["--generation-database", "none"])
+        .arg("--report-junit-path")
+        .arg(&report)
+        .args(["--report", "junit"])
+        .current_dir(fd.cp.root.path())
+        .output()
+        .expect("schemathesis");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "schemathesis found problems:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("passed"), "{text}");
+}
