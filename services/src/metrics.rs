@@ -54,6 +54,9 @@ pub fn http_method(m: &str) -> &'static str {
     KNOWN.into_iter().find(|k| *k == m).unwrap_or("_OTHER")
 }
 
+/// Connections the metrics endpoint serves at once.
+const MAX_SCRAPERS: usize = 16;
+
 /// The installed meter provider and, when a Prometheus endpoint is wanted, the reader it scrapes.
 pub struct Metrics {
     provider: SdkMeterProvider,
@@ -125,10 +128,12 @@ impl Metrics {
     }
 
     /// Serves `GET /metrics` on `addr` until the process ends; every other path is 404, every
-    /// other method 405. Must be called inside a Tokio runtime.
+    /// other method 405. A connection has 5 s to send its head and 30 s in all, and at most 16
+    /// are served at once. Must be called inside a Tokio runtime.
     pub fn serve(self: Arc<Self>, addr: &Addr) -> anyhow::Result<()> {
         let listener = crate::daemon::bind(addr)?;
         tracing::info!(listen = %addr, "metrics served at /metrics");
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPERS));
         tokio::spawn(async move {
             loop {
                 let io = match listener.accept().await {
@@ -139,8 +144,13 @@ impl Metrics {
                         continue;
                     }
                 };
+                // Past the cap a connection is closed at once: scrapers are few.
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    continue;
+                };
                 let me = self.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     let service = hyper::service::service_fn(move |req| {
                         let me = me.clone();
                         async move { Ok::<_, Infallible>(me.answer(&req)) }
@@ -474,5 +484,40 @@ mod tests {
         let post = m.answer(&req("POST", "/metrics"));
         assert_eq!(post.status(), 405);
         assert_eq!(post.headers()["allow"], "GET, HEAD");
+    }
+
+    #[tokio::test]
+    async fn idle_connections_cannot_shut_the_endpoint_out_for_long() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.sock");
+        let (provider, scrape) = provider();
+        let m = Arc::new(Metrics {
+            provider,
+            scrape: Some(scrape),
+        });
+        m.serve(&Addr::Unix(path.clone())).unwrap();
+        let mut idle = Vec::new();
+        for _ in 0..MAX_SCRAPERS {
+            idle.push(tokio::net::UnixStream::connect(&path).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut extra = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(2), extra.read_to_end(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0))),
+            "past the cap a connection is closed at once"
+        );
+        drop(idle);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut c = tokio::net::UnixStream::connect(&path).await.unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains("target_info"), "{answer}");
     }
 }

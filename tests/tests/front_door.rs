@@ -427,6 +427,20 @@ async fn a_vm_through_volar_and_curl() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     assert!(health.contains(r#""status":"ok""#), "{health}");
+    // Its own record, like a cloud's metadata service: known by its address and TAP.
+    let me: Value = serde_json::from_str(&fetch("http://192.168.127.1:8080/api/v1/self"))
+        .expect("the VM's own record");
+    assert_eq!(
+        (me["name"].as_str(), me["ip_address"].as_str()),
+        (Some("web"), Some("192.168.127.100"))
+    );
+    // The host is no VM, whatever it sends.
+    let (code, body) = fd
+        .cp
+        .host
+        .http_get("192.168.127.1:8080", "/api/v1/self")
+        .unwrap();
+    assert_eq!(code, 404, "{body}");
     for path in [
         "/api/v1/vms",
         "/api/v1/plugins",
