@@ -13,7 +13,8 @@
 //! Last, 1 KiB requests each on a connection of its own, as the gateway sends them.
 //! `cargo bench -p proxyd --bench ingress` (as root, with nginx installed: `apt-get install
 //! nginx-light`; no namespace needed); under `taskset -c 0` everything shares one CPU, which
-//! takes wake-ups across CPUs out of the latency.
+//! takes wake-ups across CPUs out of the latency. `VOLANT_PROXYD=<binary>` measures another
+//! build of proxyd (the previous commit's, say) in the same rows.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};

@@ -17,8 +17,9 @@ use std::time::Duration;
 
 use http::StatusCode;
 use tokio::time::Instant;
-use tracing::Instrument;
 use volant_services::daemon::{Listener, Stop};
+use volant_services::metrics::KeyValue;
+use volant_services::telemetry::{DataSpan, SpanKind};
 
 use crate::routes::Routes;
 use crate::splice::{Buf, Pipe, Socket, both_ways};
@@ -230,23 +231,22 @@ impl Ingress {
     async fn exchange(&self, conn: Conn<'_>, req: Request) -> bool {
         let started = std::time::Instant::now();
         let method = volant_services::metrics::http_method(&req.method);
-        let span = tracing::info_span!(
-            "ingress",
-            otel.name = %format!("ingress {method}"),
-            otel.kind = "server",
-            vm = %req.vm,
-            http.request.method = method,
-            http.response.status_code = tracing::field::Empty,
-            otel.status_code = tracing::field::Empty,
+        let mut span = DataSpan::start(
+            format!("ingress {method}"),
+            SpanKind::Server,
+            &req.trace,
+            vec![
+                KeyValue::new("vm", req.vm.clone()),
+                KeyValue::new("http.request.method", method),
+            ],
         );
-        volant_services::telemetry::continue_trace(&span, &req.trace);
-        let (goes_on, status) = self
-            .answer_request(conn, req)
-            .instrument(span.clone())
-            .await;
-        span.record("http.response.status_code", status);
+        let (goes_on, status) = self.answer_request(conn, req).await;
+        span.set(KeyValue::new(
+            "http.response.status_code",
+            i64::from(status),
+        ));
         if status >= 500 {
-            span.record("otel.status_code", "ERROR");
+            span.failed(format!("answered {status}"));
         }
         metrics::ingress(method, status, started.elapsed());
         goes_on

@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use http::StatusCode;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
-use tracing::Instrument;
 use volant_services::daemon::Io;
 
 use super::metered::Metered;
@@ -39,10 +38,7 @@ impl Egress {
         let activity = Arc::new(Activity::default());
         let answered = AtomicBool::new(false);
         let exchange = async {
-            let up = self
-                .open(vm, target, ask.kind, &activity)
-                .instrument(decision.span())
-                .await?;
+            let up = self.open(vm, target, ask.kind, &activity).await?;
             decision.allow(vm, target);
             self.exchange(guest, buf, up, ask, &target.host, &answered)
                 .await

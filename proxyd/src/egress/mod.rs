@@ -31,7 +31,8 @@ use crate::rules::{Host, forbidden, normalise};
 use crate::splice::{Buf, Socket};
 use crate::stats::Verdict;
 use crate::wire::{self, Refusal};
-use tracing::Instrument;
+use volant_services::metrics::KeyValue;
+use volant_services::telemetry::{DataSpan, SpanKind};
 
 /// The longest request head, and the buffer a ClientHello is read into.
 const MAX_HEAD: usize = 64 * 1024;
@@ -220,7 +221,7 @@ impl Egress {
             buf.consume(ask.len);
             let mut decision = Decision::new(vm, &ask);
             let Some(policy) = vm.policy() else { return };
-            let decided = match self.decide(&ask, &policy).instrument(decision.span()).await {
+            let decided = match self.decide(&ask, &policy).await {
                 Ok(target) => vm
                     .upstreams
                     .clone()
@@ -409,46 +410,47 @@ async fn answer(guest: &Socket, d: Denial) {
 
 /// One egress decision: counted and logged, and traced as a span of its own (`egress.decision`)
 /// from the request's head to its verdict.
-struct Decision(Option<tracing::Span>);
+struct Decision(Option<DataSpan>);
 
 impl Decision {
     fn new(vm: &Vm, ask: &Ask) -> Decision {
-        Decision(Some(tracing::info_span!(
-            "egress.decision",
-            vm = %vm.name,
-            server.address = %ask.host,
-            server.port = ask.port,
-            http.request.method = volant_services::metrics::http_method(&ask.method),
-            volant.decision = tracing::field::Empty,
-            volant.reason = tracing::field::Empty,
+        let method = volant_services::metrics::http_method(&ask.method);
+        Decision(Some(DataSpan::start(
+            "egress.decision".into(),
+            SpanKind::Internal,
+            &http::HeaderMap::new(),
+            vec![
+                KeyValue::new("vm", vm.name.clone()),
+                KeyValue::new("server.address", ask.host.clone()),
+                KeyValue::new("server.port", i64::from(ask.port)),
+                KeyValue::new("http.request.method", method),
+            ],
         )))
     }
 
-    /// The span, while it is open.
-    fn span(&self) -> tracing::Span {
-        self.0.clone().unwrap_or_else(tracing::Span::none)
-    }
-
     /// Records the verdict on the span, which ends.
-    fn close(&mut self, verdict: Verdict, reason: &'static str) -> tracing::Span {
-        let span = self.0.take().unwrap_or_else(tracing::Span::none);
-        span.record("volant.decision", crate::metrics::verdict(verdict));
-        span.record("volant.reason", reason);
-        span
+    fn close(&mut self, verdict: Verdict, reason: &'static str) {
+        if let Some(mut span) = self.0.take() {
+            span.set(KeyValue::new(
+                "volant.decision",
+                crate::metrics::verdict(verdict),
+            ));
+            span.set(KeyValue::new("volant.reason", reason));
+        }
     }
 
     /// Counts and logs a decision that was not to let through.
     fn refuse(&mut self, vm: &Vm, asked: &str, d: &Denial) {
         vm.stats.decided(d.verdict, d.reason);
-        let span = self.close(d.verdict, d.reason);
-        tracing::info!(parent: &span, vm = %vm.name, target = %asked, verdict = ?d.verdict, reason = d.reason, "egress: {}", d.message);
+        self.close(d.verdict, d.reason);
+        tracing::info!(vm = %vm.name, target = %asked, verdict = ?d.verdict, reason = d.reason, "egress: {}", d.message);
     }
 
     /// Counts and logs a connection let through.
     fn allow(&mut self, vm: &Vm, target: &Target) {
         vm.stats.decided(Verdict::Allow, "allowed");
-        let span = self.close(Verdict::Allow, "allowed");
-        tracing::info!(parent: &span, vm = %vm.name, host = %target.host, port = target.port, address = %target.addr, verdict = "allow", reason = "allowed", "egress");
+        self.close(Verdict::Allow, "allowed");
+        tracing::info!(vm = %vm.name, host = %target.host, port = target.port, address = %target.addr, verdict = "allow", reason = "allowed", "egress");
     }
 }
 

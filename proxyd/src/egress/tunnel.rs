@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tracing::Instrument;
 
 use super::{Denial, Egress, Passed, closed, deny};
 use crate::routes::{Policy, Vm};
@@ -54,8 +53,7 @@ impl Egress {
                 ));
             }
             self.dial(&target).await
-        }
-        .instrument(decision.span());
+        };
         let tcp = tokio::select! {
             r = checked => r,
             d = self.revoked(&mut policy_rx, &target) => Err(d),

@@ -200,8 +200,16 @@ impl Proxyd {
     }
 }
 
+/// The proxyd binary: `VOLANT_PROXYD` when set (another build, for a before-and-after), else
+/// this one.
+fn binary() -> std::path::PathBuf {
+    std::env::var_os("VOLANT_PROXYD")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_proxyd").into())
+}
+
 fn spawn(dir: &Path, config: &Path, run: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_proxyd"))
+    Command::new(binary())
         .arg("--config")
         .arg(config)
         .arg("--run-dir")
