@@ -130,6 +130,7 @@ pub struct CreateVm {
     #[schema(minimum = 64, maximum = 65536)]
     pub memory_mb: Option<u32>,
     /// `bridge` (the default network), `bridge=<network>` or `vsock` [default: the plugin's].
+    #[schema(pattern = "^(bridge|vsock|bridge=[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)?$")]
     pub network: Option<String>,
     /// A fixed address inside the network's range.
     pub ip: Option<String>,

@@ -90,9 +90,22 @@ pub fn complete(doc: String) -> String {
     paths["/api/v1/events"]["get"]["responses"]["200"] = serde_json::json!({
         "description": SSE_FRAMING,
         "content": { "text/event-stream": { "schema": {
-            "type": "string",
-            "description": SSE_FRAMING,
-            "example": "event: vm\ndata: {\"name\":\"web\",\"status\":\"running\",\"previous\":\"booting\",\"at\":\"2026-11-30T12:00:00Z\"}\n\n"
+            "type": "object",
+            "description": "One server-sent event.",
+            "properties": {
+                "event": { "type": "string", "enum": ["vm", "error"] },
+                "data": {
+                    "type": "string",
+                    "description": "`vm`: an Event as JSON; `error`: the message.",
+                    "contentMediaType": "application/json",
+                    "contentSchema": { "$ref": "#/components/schemas/Event" }
+                }
+            },
+            "required": ["event", "data"],
+            "example": {
+                "event": "vm",
+                "data": "{\"name\":\"web\",\"status\":\"running\",\"previous\":\"booting\"}"
+            }
         } } }
     });
     if let Some(ops) = paths["/api/v1/vms/{name}/proxy/{path}"].as_object_mut() {

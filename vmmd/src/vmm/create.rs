@@ -10,7 +10,7 @@ impl Vmm {
         dns_label("vm name", &req.name).map_err(invalid)?;
         let plugin = self.plugin(&req.plugin)?;
         let m = plugin.manifest;
-        let (mode, network) = match req.network.trim() {
+        let (mode, network) = match req.network.as_str() {
             "" => (m.networking.mode, self.settings.default_network.clone()),
             "bridge" => (Mode::Bridge, self.settings.default_network.clone()),
             "vsock" => (Mode::Vsock, String::new()),
