@@ -104,10 +104,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .unwrap_or(8080),
         Addr::Unix(_) => 8080,
     };
-    tokio::spawn(bridges::follow(peers.clone(), port, limits));
+    let to_vms = peers.clone();
     let app = router::router(peers, Arc::new(doors));
     daemon
         .run(move |listener, stop| async move {
+            // Only once the API's own address is bound: a wildcard one covers the networks'
+            // gateway addresses, which must not be taken before it.
+            tokio::spawn(bridges::follow(to_vms, port, limits));
             serve::serve(listener, app, tls, limits, stop)
                 .await
                 .context("serving HTTP")
