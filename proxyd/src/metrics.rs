@@ -79,16 +79,27 @@ pub fn decided(v: Verdict, reason: &'static str) {
     );
 }
 
-/// Records `n` bytes of VM `vm`'s egress, outwards or back.
-pub fn carried(vm: &str, outbound: bool, n: u64) {
-    let direction = if outbound { "transmit" } else { "receive" };
-    INSTRUMENTS.bytes.add(
-        n,
-        &[
-            KeyValue::new("volant.vm", vm.to_string()),
-            KeyValue::new("network.io.direction", direction),
-        ],
-    );
+/// The attributes of one VM's egress bytes, each way, made once: counting happens per chunk
+/// carried.
+pub struct IoLabels([[KeyValue; 2]; 2]);
+
+impl IoLabels {
+    /// VM `vm`'s.
+    pub fn of(vm: &str) -> IoLabels {
+        let vm: std::sync::Arc<str> = vm.into();
+        let way = |direction: &'static str| {
+            [
+                KeyValue::new("volant.vm", vm.clone()),
+                KeyValue::new("network.io.direction", direction),
+            ]
+        };
+        IoLabels([way("transmit"), way("receive")])
+    }
+
+    /// Records `n` bytes carried outwards or back.
+    pub fn carried(&self, outbound: bool, n: u64) {
+        INSTRUMENTS.bytes.add(n, &self.0[usize::from(!outbound)]);
+    }
 }
 
 /// Counts a tunnel open for as long as it lives.

@@ -76,6 +76,8 @@ pub struct Vm {
     pub upstreams: Arc<Semaphore>,
     /// Connections to its egress socket.
     pub connections: Arc<Semaphore>,
+    /// The attributes its egress bytes are counted under, made once.
+    io: crate::metrics::IoLabels,
     policy: watch::Sender<Option<Arc<Policy>>>,
     listener: Mutex<Option<(String, tokio::task::AbortHandle)>>,
 }
@@ -100,7 +102,7 @@ impl Vm {
             &self.stats.egress_bytes_in
         };
         c.fetch_add(n as u64, Relaxed);
-        crate::metrics::carried(&self.name, outbound, n as u64);
+        self.io.carried(outbound, n as u64);
         self.policy
             .borrow()
             .as_ref()
@@ -253,6 +255,7 @@ impl Routes {
                 stats: self.stats_of(&route.vm),
                 upstreams: Arc::new(Semaphore::new(d.max_upstreams as usize)),
                 connections: Arc::new(Semaphore::new(d.max_connections as usize)),
+                io: crate::metrics::IoLabels::of(&route.vm),
                 policy: watch::Sender::new(None),
                 listener: Mutex::new(None),
             })

@@ -138,11 +138,16 @@ impl Drop for Docker {
     }
 }
 
-/// The rules and chains of the namespace (the empty tables iptables leaves behind aside).
+/// The rules, custom chains and nft tables of the namespace (the empty built-in chains
+/// iptables leaves behind aside).
 fn rules(ns: &Netns) -> Vec<String> {
     firewall_save(ns)
         .lines()
-        .filter(|l| l.starts_with("-A") || l.contains("VOLANT") || l.contains("rule"))
+        .filter(|l| {
+            l.starts_with("-A")
+                || (l.starts_with(':') && l.contains(" - ["))
+                || l.starts_with("table ")
+        })
         .map(String::from)
         .collect()
 }
@@ -260,6 +265,14 @@ fn the_compose_stack_runs_a_vm_and_shows_it_then_leaves_nothing() {
             b.contains("\"running\"")
         },
     );
+    // What `down` must take away is there, and `rules` sees it.
+    let made = rules(ns);
+    assert!(
+        made.iter().any(|l| l.contains("VOLANT"))
+            && made.iter().any(|l| l.starts_with("table bridge")),
+        "{made:#?}"
+    );
+    assert!(ns.links().contains("volant0"));
     let page = until(
         ns,
         "127.0.0.1:8080",

@@ -408,6 +408,19 @@ async fn answer(guest: &Socket, d: Denial) {
         .await;
 }
 
+/// The longest host name the span records: a DNS name's limit. A guest may write any host into
+/// a 64 KiB head, and spans wait in the exporter's queue.
+const MAX_SPAN_HOST: usize = 253;
+
+/// `host` as the decision span records it: at most [`MAX_SPAN_HOST`] bytes.
+fn bounded(host: &str) -> String {
+    let mut end = host.len().min(MAX_SPAN_HOST);
+    while !host.is_char_boundary(end) {
+        end -= 1;
+    }
+    host[..end].to_string()
+}
+
 /// One egress decision: counted and logged, and traced as a span of its own (`egress.decision`)
 /// from the request's head to its verdict.
 struct Decision(Option<DataSpan>);
@@ -421,7 +434,7 @@ impl Decision {
             &http::HeaderMap::new(),
             vec![
                 KeyValue::new("vm", vm.name.clone()),
-                KeyValue::new("server.address", ask.host.clone()),
+                KeyValue::new("server.address", bounded(&ask.host)),
                 KeyValue::new("server.port", i64::from(ask.port)),
                 KeyValue::new("http.request.method", method),
             ],
@@ -462,4 +475,17 @@ fn closed(vm: &Vm, target: &Target, d: &Denial) {
     }
     vm.stats.decided(Verdict::Deny, "closed by a policy change");
     tracing::info!(vm = %vm.name, host = %target.host, port = target.port, verdict = "deny", reason = d.reason, "egress: closed, no longer allowed: {}", d.message);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_span_records_at_most_a_dns_name_of_the_host() {
+        assert_eq!(bounded("api.example.com"), "api.example.com");
+        assert_eq!(bounded(&"a".repeat(60_000)).len(), MAX_SPAN_HOST);
+        let wide = "é".repeat(200);
+        assert!(bounded(&wide).len() <= MAX_SPAN_HOST && wide.starts_with(&bounded(&wide)));
+    }
 }

@@ -8,11 +8,10 @@
 //! shared listener and keeps its own idle vsock streams, so a request never wakes another
 //! thread.
 
-use std::collections::HashMap;
 use std::io;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::StatusCode;
@@ -24,14 +23,15 @@ use volant_services::telemetry::{DataSpan, SpanKind};
 use crate::routes::Routes;
 use crate::splice::{Buf, Pipe, Socket, both_ways};
 use crate::wire::{self, Framing, Refusal, Request};
+
+mod pool;
 use crate::{hvsock, metrics};
+use pool::Pool;
 
 /// The read buffer of a client connection, which bounds the request head.
 const MAX_HEAD: usize = 256 * 1024;
 /// The read buffer for answers, which bounds their heads.
 const MAX_ANSWER_HEAD: usize = 64 * 1024;
-/// Idle connections kept per VM.
-const POOL_PER_VM: usize = 32;
 /// How long a client may take to send a request head (the gateway's kept connections depend on
 /// it).
 const HEAD_TIMEOUT: Duration = volant_services::timeouts::INGRESS_HEAD;
@@ -51,11 +51,6 @@ pub struct Ingress {
     /// How long a body or an upgraded connection may sit idle.
     pub idle_timeout: Duration,
 }
-
-/// One ingress thread's idle connections to workloads, per VM (registered with that thread's
-/// runtime, so never shared with another; the lock, never contended, only makes tasks `Send`).
-#[derive(Default)]
-struct Pool(Mutex<HashMap<String, Vec<Socket>>>);
 
 /// Why an exchange failed, and whether the client already has part of an answer.
 struct Failure {
@@ -530,34 +525,6 @@ impl Ingress {
             .map_err(|e| format!("vm {vm}: {e}"))?;
         let s = Socket::unix(s).map_err(|e| format!("vm {vm}: {e}"))?;
         Ok((s, false))
-    }
-}
-
-impl Pool {
-    /// An idle connection to `vm`'s workload that is still open.
-    fn take(&self, vm: &str) -> Option<Socket> {
-        let mut idle = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.get_mut(vm)?;
-        while let Some(s) = list.pop() {
-            if s.idle_and_open() {
-                return Some(s);
-            }
-        }
-        None
-    }
-
-    /// Keeps a connection that finished an exchange for the next request.
-    fn give_back(&self, vm: &str, s: Socket) {
-        let mut idle = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.entry(vm.to_string()).or_default();
-        if list.len() < POOL_PER_VM {
-            list.push(s);
-        }
-    }
-
-    /// Drops the idle connections of a VM that is gone.
-    fn forget(&self, vm: &str) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(vm);
     }
 }
 
